@@ -1,0 +1,138 @@
+"""ConvexAdam on any pair of feature volumes: coupled convex search, then Adam refinement.
+
+Features may be MIND-SSC on the image grid or a learned encoder's coarser volume: both are
+brought onto cell grids of ``grid_sp`` voxels that tile the image exactly (the image grid is
+padded up to a multiple of the cell size, so cell ``c`` covers voxels ``[c*g, (c+1)*g)``).
+An optional initial field (e.g. the slice-match translation) is applied to the moving features
+first and composed with the result.
+
+Output: ``(1, 3, I, J, K)`` displacement in voxels of the fixed grid, pull-back convention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dinoreg.optim.convex import ConvexConfig, convex_optimise
+from dinoreg.optim.instance import InstanceConfig, InstanceOptimiser
+from dinoreg.spatial.grid import compose, resize_field, warp
+
+
+@dataclass
+class ConvexAdamConfig:
+    """Both stages' settings; ``instance.iterations = 0`` skips the Adam stage."""
+
+    convex: ConvexConfig = field(default_factory=ConvexConfig)
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
+    final_smoothing: int = 0
+
+
+def padded_shape(shape: tuple[int, ...], cell: int) -> tuple[int, ...]:
+    """``shape`` rounded up to a multiple of ``cell`` on every axis."""
+    return tuple(int(math.ceil(s / cell)) * cell for s in shape)
+
+
+def features_on_cells(feat: torch.Tensor, image_shape: tuple[int, int, int], cell: int) -> torch.Tensor:
+    """Average features over cells of ``cell`` voxels tiling the (padded) image grid.
+
+    ``feat`` is ``(1, C, I', J', K')`` covering the image's field of view (cell-centred). Features
+    on the image grid itself are padded by replication and average-pooled; coarser features are
+    trilinearly resampled to the cell grid.
+    """
+    padded = padded_shape(image_shape, cell)
+    cells = tuple(p // cell for p in padded)
+    if tuple(feat.shape[2:]) == tuple(image_shape):
+        pad = []
+        for s, p in zip(reversed(image_shape), reversed(padded)):
+            pad += [0, p - s]
+        if any(pad):
+            feat = F.pad(feat, pad, mode="replicate")
+        return F.avg_pool3d(feat, cell, stride=cell)
+    # coarser volume covering the image's field of view: resample to the cell grid; the
+    # padded margin (beyond the image) is filled by the border value
+    scale = [p / s for p, s in zip(padded, image_shape)]
+    inner = tuple(max(1, round(c / sc)) for c, sc in zip(cells, scale))
+    resampled = F.interpolate(feat, size=inner, mode="trilinear", align_corners=False)
+    pad = []
+    for i_, c in zip(reversed(inner), reversed(cells)):
+        pad += [0, c - i_]
+    return F.pad(resampled, pad, mode="replicate") if any(pad) else resampled
+
+
+def field_to_cells(disp: torch.Tensor, image_shape: tuple[int, int, int], cell: int) -> torch.Tensor:
+    """A voxel-unit field on the image grid as a cell-unit field on the padded cell grid."""
+    padded = padded_shape(image_shape, cell)
+    pad = []
+    for s, p in zip(reversed(image_shape), reversed(padded)):
+        pad += [0, p - s]
+    if any(pad):
+        disp = F.pad(disp, pad, mode="replicate")
+    return F.avg_pool3d(disp, cell, stride=cell) / cell
+
+
+def field_from_cells(disp: torch.Tensor, image_shape: tuple[int, int, int], cell: int) -> torch.Tensor:
+    """A cell-unit field back to voxels on the image grid (trilinear, cell-centred)."""
+    padded = padded_shape(image_shape, cell)
+    full = resize_field(disp, padded, align_corners=False)
+    return full[:, :, :image_shape[0], :image_shape[1], :image_shape[2]].contiguous()
+
+
+def final_smooth(disp: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Three passes of an odd ``kernel`` mean filter (0 disables)."""
+    if kernel <= 1:
+        return disp
+    kernel += 1 - kernel % 2
+    for _ in range(3):
+        disp = F.avg_pool3d(F.pad(disp, [kernel // 2] * 6, mode="replicate"), kernel, stride=1)
+    return disp
+
+
+def convex_adam(feat_fix: torch.Tensor, feat_mov: torch.Tensor, image_shape: tuple[int, int, int],
+                config: ConvexAdamConfig | None = None, init: torch.Tensor | None = None,
+                progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
+    """Register moving features to fixed features.
+
+    Args:
+        feat_fix, feat_mov: ``(1, C, I', J', K')`` feature volumes over the image field of view.
+        image_shape: ``(I, J, K)`` of the fixed image grid the result is defined on.
+        config: stage settings (ConvexAdam defaults when omitted).
+        init: optional ``(1, 3, I, J, K)`` initial field (voxels), composed with the result.
+        progress: called as ``progress(stage, step, total)``.
+
+    Returns:
+        ``(1, 3, I, J, K)`` float32 displacement in fixed-grid voxels (pull-back).
+    """
+    cfg = config or ConvexAdamConfig()
+    notify = progress or (lambda stage, step, total: None)
+    g = cfg.convex.grid_sp
+    with torch.no_grad():
+        fix_c = features_on_cells(feat_fix, image_shape, g)
+        mov_c = features_on_cells(feat_mov, image_shape, g)
+        if init is not None:
+            mov_c = warp(mov_c, field_to_cells(init, image_shape, g))
+        notify("convex", 0, 1)
+        coarse = convex_optimise(fix_c, mov_c, cfg.convex)
+        notify("convex", 1, 1)
+        disp = field_from_cells(coarse, image_shape, g)
+        del fix_c, mov_c, coarse
+    if cfg.instance.iterations > 0:
+        ga = cfg.instance.grid_sp
+        with torch.no_grad():
+            fix_a = features_on_cells(feat_fix, image_shape, ga)
+            mov_a = features_on_cells(feat_mov, image_shape, ga)
+            if init is not None:
+                mov_a = warp(mov_a, field_to_cells(init, image_shape, ga))
+            start = field_to_cells(disp, image_shape, ga)
+        total = cfg.instance.iterations
+        refined = InstanceOptimiser(cfg.instance).optimise(
+            fix_a, mov_a, start, progress=lambda it: notify("adam", it, total))
+        disp = field_from_cells(refined, image_shape, ga)
+    disp = final_smooth(disp, cfg.final_smoothing)
+    if init is not None:
+        disp = compose(disp, init)
+    return disp.float()
