@@ -1,0 +1,357 @@
+"""Learn2Reg evaluation metrics, reproduced from the challenge's evaluation script.
+
+Conventions (DESIGN.md): a displacement field ``disp`` has shape ``(I, J, K, 3)``, is in voxel
+units of the fixed grid, components ordered ``(i, j, k)``, and pulls back:
+``warped(p) = moving(p + disp(p))``. Segmentations are integer label maps ``[i, j, k]`` on the
+fixed grid (the warped moving one) or on the grid ``disp`` indexes (the moving one).
+
+* **Dice** per label; NaN when the label is absent in the fixed segmentation or in the
+  moving one (the evaluator skips such labels); the mean is the NaN-mean.
+* **HD95** per label: area-weighted 95th-percentile symmetric surface distance
+  (:mod:`dinoreg.surface_distance`); Learn2Reg reports it with unit spacing (voxels); the
+  same value with the real spacing is in mm. ``inf`` when the warped label vanished.
+* **Jacobian determinant** of ``x + u(x)`` with central differences ``[-0.5, 0, 0.5]``
+  (zero padding) cropped by 2 voxels on each side; **SDlogJ** is
+  ``std(log(clip(detJ + 3, 1e-9, 1e9)))`` (the ``+ 3`` is the evaluator's own), optionally
+  inside the fixed mask; the **folding fraction** is the fraction of ``detJ <= 0``.
+* **TRE** per landmark, mm: ``|| (fix + u(fix) - mov) * spacing_moving ||`` with ``u``
+  sampled by cubic-spline ``scipy.ndimage.map_coordinates`` (its default, order 3).
+* **Aggregate** over pairs: mean, standard deviation (``ddof=1``) and the Learn2Reg "30"
+  statistic, which is the 30th percentile of the per-pair values (``pandas.Series.quantile(.3)``
+  with linear interpolation, NaN skipped) -- *not* the mean of the worst 30 %. For Dice it
+  is the value 30 % of cases fall below; for distances it is on the good side.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from dinoreg.errors import DinoregError
+from dinoreg.surface_distance import robust_hausdorff, surface_distances
+
+LOG_JAC_OFFSET = 3.0  # the Learn2Reg evaluator adds 3 to detJ before clipping and log
+CROP = 2  # voxels removed on each side of the Jacobian determinant
+
+
+# --------------------------------------------------------------------------- overlap
+
+def _labels(arrays: Iterable[np.ndarray | None]) -> list[int]:
+    found: set[int] = set()
+    for a in arrays:
+        if a is not None:
+            found.update(int(v) for v in np.unique(a))
+    return sorted(v for v in found if v != 0)
+
+
+def dice_per_label(fixed_seg: np.ndarray, warped_seg: np.ndarray, labels: Sequence[int] | None = None,
+                   moving_seg: np.ndarray | None = None) -> dict[int, float]:
+    """Dice overlap ``2|F∩W| / (|F|+|W|)`` per label between the fixed and warped segmentations.
+
+    Args:
+        fixed_seg, warped_seg: integer label maps of the same shape.
+        labels: labels to score; ``None`` = every non-zero label of either map.
+        moving_seg: the *unwarped* moving segmentation; when given, a label absent from it is
+            NaN (as in the evaluator), otherwise absence is judged on ``warped_seg``.
+
+    Returns:
+        ``{label: dice}``, NaN when the label is absent in fixed or in moving.
+    """
+    _check_same_shape(fixed_seg, warped_seg, "warped segmentation")
+    reference = warped_seg if moving_seg is None else moving_seg
+    out = {}
+    for lab in (labels if labels is not None else _labels((fixed_seg, warped_seg, moving_seg))):
+        f, w = fixed_seg == lab, warped_seg == lab
+        if not f.any() or not (reference == lab).any():
+            out[int(lab)] = float("nan")
+            continue
+        out[int(lab)] = float(2.0 * np.logical_and(f, w).sum() / (f.sum() + w.sum()))
+    return out
+
+
+def hd95_per_label(fixed_seg: np.ndarray, warped_seg: np.ndarray, labels: Sequence[int] | None = None,
+                   spacing: Sequence[float] = (1.0, 1.0, 1.0), moving_seg: np.ndarray | None = None,
+                   percent: float = 95.0) -> dict[int, float]:
+    """Robust (95th percentile) Hausdorff distance per label, in the units of ``spacing``.
+
+    With unit spacing this is Learn2Reg's HD95 in voxels; pass the fixed grid's spacing for mm.
+    NaN for labels absent in fixed or moving (as :func:`dice_per_label`); ``inf`` when present
+    in both but absent after warping (the surface-distance package's convention).
+    Volumes of shape ``(I, J, 1)`` are treated as 2D images (contour lengths, 2D distances).
+    """
+    _check_same_shape(fixed_seg, warped_seg, "warped segmentation")
+    fixed, warped, ref = fixed_seg, warped_seg, warped_seg if moving_seg is None else moving_seg
+    sp = [float(s) for s in spacing]
+    if fixed.ndim == 3 and fixed.shape[2] == 1:
+        fixed, warped, ref, sp = fixed[..., 0], warped[..., 0], ref[..., 0], sp[:2]
+    out = {}
+    for lab in (labels if labels is not None else _labels((fixed_seg, warped_seg, moving_seg))):
+        f = fixed == lab
+        if not f.any() or not (ref == lab).any():
+            out[int(lab)] = float("nan")
+            continue
+        out[int(lab)] = robust_hausdorff(surface_distances(f, warped == lab, sp), percent)
+    return out
+
+
+# --------------------------------------------------------------------------- Jacobian
+
+def _check_field(disp: np.ndarray) -> np.ndarray:
+    disp = np.asarray(disp, dtype=np.float64)
+    if disp.ndim != 4 or disp.shape[-1] != 3:
+        raise DinoregError(f"displacement field must have shape (I, J, K, 3), got {disp.shape}", "displacement")
+    spatial = [s for s in disp.shape[:3] if s != 1]
+    if any(s <= 2 * CROP for s in spatial) or len(spatial) < 2:
+        raise DinoregError(f"displacement field {disp.shape[:3]} is too small for the Jacobian "
+                           f"(needs more than {2 * CROP} voxels along each non-singleton axis)", "displacement")
+    return disp
+
+
+def _gradient(component: np.ndarray, axis: int) -> np.ndarray:
+    """Central difference ``(f[x+1] - f[x-1]) / 2`` along ``axis`` with zero padding."""
+    shape = [1] * component.ndim
+    shape[axis] = 3
+    return ndimage.correlate(component, np.array([-0.5, 0.0, 0.5]).reshape(shape), mode="constant", cval=0.0)
+
+
+def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
+    """Determinant of the Jacobian of ``x + u(x)``, exactly as the Learn2Reg evaluator.
+
+    Args:
+        disp: ``(I, J, K, 3)`` displacement in voxels. A field with ``K == 1`` is treated as 2D
+            (see :func:`jacobian_determinant_2d`).
+
+    Returns:
+        ``(I-4, J-4, K-4)`` array (``(I-4, J-4, 1)`` in 2D): the border of 2 voxels, where the
+        zero padding makes the differences meaningless, is cropped.
+    """
+    disp = _check_field(disp)
+    if disp.shape[2] == 1:
+        return jacobian_determinant_2d(disp)
+    jac = np.empty((3, 3) + tuple(s - 2 * CROP for s in disp.shape[:3]))
+    inner = (slice(CROP, -CROP),) * 3
+    for a in range(3):  # derivative axis
+        for c in range(3):  # displacement component
+            jac[a, c] = _gradient(disp[..., c], a)[inner] + (1.0 if a == c else 0.0)
+    return (jac[0, 0] * (jac[1, 1] * jac[2, 2] - jac[1, 2] * jac[2, 1])
+            - jac[1, 0] * (jac[0, 1] * jac[2, 2] - jac[0, 2] * jac[2, 1])
+            + jac[2, 0] * (jac[0, 1] * jac[1, 2] - jac[0, 2] * jac[1, 1]))
+
+
+def jacobian_determinant_2d(disp: np.ndarray) -> np.ndarray:
+    """Jacobian determinant of a 2D field stored as ``(I, J, 1, 3)``.
+
+    The same central differences and zero padding as in 3D, cropped by 2 on ``i`` and ``j``
+    only; the third component is ignored (with one slice, ``d/dk`` is 0 and the 3D determinant
+    reduces to the 2x2 one): ``(1 + du_i/di)(1 + du_j/dj) - du_i/dj * du_j/di``.
+    Returns ``(I-4, J-4, 1)``.
+    """
+    disp = _check_field(disp)
+    if disp.shape[2] != 1:
+        raise DinoregError(f"a 2D field must have shape (I, J, 1, 3), got {disp.shape}", "displacement")
+    u = disp[:, :, 0, :]
+    inner = (slice(CROP, -CROP),) * 2
+    g = {(a, c): _gradient(u[..., c], a)[inner] for a in range(2) for c in range(2)}
+    det = (1.0 + g[0, 0]) * (1.0 + g[1, 1]) - g[1, 0] * g[0, 1]
+    return det[..., None]
+
+
+def crop_like_jacobian(array: np.ndarray) -> np.ndarray:
+    """Crop a fixed-grid array (e.g. the mask) the way :func:`jacobian_determinant` crops."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        return array[CROP:-CROP, CROP:-CROP, :]
+    return array[CROP:-CROP, CROP:-CROP, CROP:-CROP]
+
+
+def _masked(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    if mask is None:
+        return values.ravel()
+    cropped = crop_like_jacobian(np.asarray(mask))
+    if cropped.shape != values.shape:
+        raise DinoregError(f"mask shape {np.asarray(mask).shape} does not match the field", "mask")
+    return values[cropped > 0]
+
+
+def _sdlogj_of(detj: np.ndarray, mask: np.ndarray | None) -> float:
+    values = _masked(np.log(np.clip(detj + LOG_JAC_OFFSET, 1e-9, 1e9)), mask)
+    return float(values.std()) if values.size else float("nan")
+
+
+def _folding_of(detj: np.ndarray, mask: np.ndarray | None) -> float:
+    values = _masked(detj, mask)
+    return float((values <= 0).mean()) if values.size else float("nan")
+
+
+def sdlogj(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Learn2Reg SDlogJ: ``std(log(clip(detJ + 3, 1e-9, 1e9)))`` (population std).
+
+    ``mask`` (fixed grid, ``(I, J, K)``, non-zero = inside) restricts the statistic to the
+    cropped mask, as the evaluator's masked evaluation. NaN when the mask is empty.
+    """
+    return _sdlogj_of(jacobian_determinant(disp), mask)
+
+
+def folding_fraction(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Fraction (0..1) of (cropped, optionally masked) voxels with ``detJ <= 0``, before clipping."""
+    return _folding_of(jacobian_determinant(disp), mask)
+
+
+# --------------------------------------------------------------------------- landmarks
+
+def tre(fix_lms: np.ndarray, mov_lms: np.ndarray, disp: np.ndarray,
+        spacing_moving: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """Target registration error per landmark, in mm.
+
+    Args:
+        fix_lms, mov_lms: ``(N, 3)`` corresponding landmarks in voxel coordinates (fixed grid /
+            the grid ``disp`` indexes for the moving image).
+        disp: ``(I, J, K, 3)`` displacement in voxels.
+        spacing_moving: voxel size (mm) of the moving grid.
+
+    Returns:
+        ``(N,)`` array ``|| (fix + u(fix) - mov) * spacing_moving ||``, ``u`` sampled per
+        component with cubic-spline ``map_coordinates`` (order 3, outside = 0) as the evaluator.
+    """
+    fix = np.asarray(fix_lms, dtype=np.float64)
+    mov = np.asarray(mov_lms, dtype=np.float64)
+    if fix.ndim != 2 or fix.shape[1] != 3 or fix.shape != mov.shape:
+        raise DinoregError(f"landmarks must be two (N, 3) arrays of equal shape, got {fix.shape} and {mov.shape}",
+                           "landmarks")
+    field = np.asarray(disp, dtype=np.float64)
+    u = np.stack([ndimage.map_coordinates(field[..., c], fix.T) for c in range(3)], axis=1)
+    return np.linalg.norm((fix + u - mov) * np.asarray(spacing_moving, dtype=np.float64), axis=1)
+
+
+# --------------------------------------------------------------------------- one pair
+
+def warp_segmentation(moving_seg: np.ndarray, disp: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour pull-back of a label map, as the evaluator
+    (``map_coordinates(moving_seg, identity + disp, order=0)``, outside = 0)."""
+    shape = disp.shape[:3]
+    identity = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    coords = np.stack(identity) + np.moveaxis(np.asarray(disp, dtype=np.float64), -1, 0)
+    return ndimage.map_coordinates(np.asarray(moving_seg), coords, order=0)
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    if np.shape(a) != np.shape(b):
+        raise DinoregError(f"shape {np.shape(b)} does not match the fixed grid {np.shape(a)}", what)
+
+
+def evaluate_pair(disp: np.ndarray, fixed_seg: np.ndarray | None = None, moving_seg: np.ndarray | None = None,
+                  labels: Sequence[int] | None = None, fixed_lms: np.ndarray | None = None,
+                  moving_lms: np.ndarray | None = None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                  fixed_mask: np.ndarray | None = None) -> dict[str, Any]:
+    """All Learn2Reg metrics for one registered pair.
+
+    Args:
+        disp: ``(I, J, K, 3)`` displacement in voxels of the fixed grid.
+        fixed_seg, moving_seg: label maps (moving on the grid ``disp`` indexes); both or neither.
+        labels: labels to score (default: non-zero labels of fixed or moving).
+        fixed_lms, moving_lms: ``(N, 3)`` voxel landmarks; both or neither.
+        spacing: voxel size in mm of the fixed grid (also the moving grid: Learn2Reg assumes one
+            grid, and dinoreg resamples the moving image onto the fixed grid).
+        fixed_mask: optional fixed-grid mask for SDlogJ and folding.
+
+    Returns:
+        a dict of plain Python values (per-label dicts keyed by the label as a string):
+        ``dice``, ``dice_mean``, ``hd95_vox``, ``hd95_vox_mean``, ``hd95_mm``, ``hd95_mm_mean``
+        (with segmentations), ``tre_mm`` (list), ``tre_mm_mean`` (with landmarks), and always
+        ``sdlogj``, ``folding_fraction``, ``jacobian_masked``. NaN/inf stay floats here;
+        :func:`to_jsonable` turns them into ``null``.
+    """
+    disp = _check_field(disp)
+    out: dict[str, Any] = {}
+    if (fixed_seg is None) != (moving_seg is None):
+        raise DinoregError("give both the fixed and the moving segmentation, or neither", "segmentation")
+    if fixed_seg is not None:
+        _check_same_shape(disp[..., 0], fixed_seg, "fixed segmentation")
+        warped = warp_segmentation(moving_seg, disp)
+        labs = list(labels) if labels is not None else _labels((fixed_seg, moving_seg))
+        dice = dice_per_label(fixed_seg, warped, labs, moving_seg=moving_seg)
+        hd_vox = hd95_per_label(fixed_seg, warped, labs, (1.0, 1.0, 1.0), moving_seg=moving_seg)
+        unit = all(float(v) == 1.0 for v in spacing)
+        hd_mm = hd_vox if unit else hd95_per_label(fixed_seg, warped, labs, spacing, moving_seg=moving_seg)
+        for key, values in (("dice", dice), ("hd95_vox", hd_vox), ("hd95_mm", hd_mm)):
+            out[key] = {str(k): v for k, v in values.items()}
+            out[f"{key}_mean"] = _nanmean(values.values())
+    if (fixed_lms is None) != (moving_lms is None):
+        raise DinoregError("give both the fixed and the moving landmarks, or neither", "landmarks")
+    if fixed_lms is not None:
+        errors = tre(fixed_lms, moving_lms, disp, spacing)
+        out["tre_mm"] = [float(e) for e in errors]
+        out["tre_mm_mean"] = float(errors.mean()) if errors.size else float("nan")
+    detj = jacobian_determinant(disp)
+    out["sdlogj"] = _sdlogj_of(detj, fixed_mask)
+    out["folding_fraction"] = _folding_of(detj, fixed_mask)
+    out["jacobian_masked"] = fixed_mask is not None
+    return out
+
+
+# --------------------------------------------------------------------------- many pairs
+
+def _flatten(pair: Mapping[str, Any]) -> dict[str, float]:
+    """Scalar metrics of one pair; per-label dicts become ``metric/label`` entries."""
+    flat: dict[str, float] = {}
+    for key, value in pair.items():
+        items = value.items() if isinstance(value, Mapping) else [(None, value)]
+        for label, v in items:
+            name = key if label is None else f"{key}/{label}"
+            if v is None:
+                flat[name] = float("nan")
+            elif isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
+                flat[name] = float(v)
+    return flat
+
+
+def _scalar_columns(per_pair: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """Per-pair values by metric, NaN where a pair lacks the metric."""
+    flats = [_flatten(p) for p in per_pair]
+    keys = list(dict.fromkeys(k for f in flats for k in f))
+    return {k: [f.get(k, float("nan")) for f in flats] for k in keys}
+
+
+def aggregate(per_pair: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean, standard deviation and the Learn2Reg "30" statistic of every scalar metric.
+
+    For each metric: ``mean`` (NaN skipped), ``std`` (sample, ``ddof=1``, NaN skipped; NaN with
+    fewer than 2 values), ``30`` = 30th percentile with linear interpolation over the non-NaN
+    values (the evaluator's ``pandas.Series.quantile(.3)``), and ``n`` = number of non-NaN
+    values. ``None`` values (JSON ``null``) count as NaN, so the output of :func:`to_jsonable`
+    can be aggregated too.
+    """
+    out = {}
+    for key, values in _scalar_columns(per_pair).items():
+        vals = np.array([v for v in values if not math.isnan(v)])
+        out[key] = {
+            "mean": float(vals.mean()) if vals.size else float("nan"),
+            "std": float(vals.std(ddof=1)) if vals.size > 1 else float("nan"),
+            "30": float(np.quantile(vals, 0.3)) if vals.size else float("nan"),
+            "n": int(vals.size),
+        }
+    return out
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars/arrays to Python, NaN and +-inf to ``None``, keys to str."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
