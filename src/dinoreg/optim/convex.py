@@ -7,7 +7,7 @@ found by alternating a per-cell argmin of ``cost + coeff * ||d - smooth(d)||^2``
 smoothing of the chosen displacements, with ``coeff`` growing over a few coupling iterations.
 Optionally a backward field is computed too and both are made inverse consistent.
 
-Layouts: feature volumes ``(1, C, h, w, d)`` on the coarse grid; cost volumes ``(L, h, w, d)``
+Layouts: feature volumes ``(1, C, h, w, d)`` on the coarse grid; cost matrices ``(cells, L)``
 with ``L = (2 * disp_hw + 1) ** 3`` displacements enumerated in ``(i, j, k)`` C order;
 displacement fields ``(1, 3, h, w, d)`` in cell units, components ``(i, j, k)``.
 """
@@ -37,52 +37,49 @@ def ssd_cost_volume(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp_hw: int
     SSD (summed over channels) is smoothed twice by a 3x3x3 mean filter.
 
     Returns:
-        ``(L, h, w, d)`` cost volume.
+        ``(h * w * d, L)`` cost matrix: one row per cell (C order), one column per candidate
+        of :func:`displacement_candidates`.
     """
     _, _, h, w, d = feat_fix.shape
     n = 2 * disp_hw + 1
-    padded = F.pad(feat_mov, [disp_hw] * 6)
-    fix = feat_fix[0]
-    cost = feat_fix.new_empty((n ** 3, h, w, d))
-    index = 0
+    padded = F.pad(feat_mov, [disp_hw] * 6)[0]
+    fix = feat_fix[0].unsqueeze(3)  # (C, h, w, 1, d)
+    cost = feat_fix.new_empty((n, n, h, w, n, d))
     for a in range(n):
         for b in range(n):
-            for c in range(n):
-                shifted = padded[0, :, a:a + h, b:b + w, c:c + d]
-                cost[index] = (fix - shifted).pow(2).sum(0)
-                index += 1
-    cost = cost.unsqueeze(1)
+            window = padded[:, a:a + h, b:b + w].unfold(3, d, 1)  # (C, h, w, n, d)
+            cost[a, b] = (fix - window).pow(2).sum(0)
+    cost = cost.permute(0, 1, 4, 2, 3, 5).reshape(n ** 3, 1, h, w, d)
     cost = F.avg_pool3d(F.avg_pool3d(cost, 3, stride=1, padding=1), 3, stride=1, padding=1)
-    return cost[:, 0]
+    return cost.reshape(n ** 3, -1).t().contiguous()
 
 
-def _smooth_choice(candidates: torch.Tensor, choice: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    field = candidates[:, choice.reshape(-1)].reshape(1, 3, *shape)
+def _smooth_choice(candidates: torch.Tensor, choice: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    field = candidates[:, choice].reshape(1, 3, *shape)
     return F.avg_pool3d(field, 3, stride=1, padding=1)
 
 
-def coupled_convex(cost: torch.Tensor, disp_hw: int,
+def coupled_convex(cost: torch.Tensor, shape: tuple[int, int, int], disp_hw: int,
                    coupling: tuple[float, ...] = DEFAULT_COUPLING) -> torch.Tensor:
     """Solve the coupled convex problem for one direction.
 
     Args:
-        cost: ``(L, h, w, d)`` cost volume from :func:`ssd_cost_volume`.
+        cost: ``(h * w * d, L)`` cost matrix from :func:`ssd_cost_volume`.
+        shape: the cell grid ``(h, w, d)``.
         disp_hw: half width of the search range, cells.
         coupling: the coupling weights, one argmin/smoothing round each.
 
     Returns:
         ``(1, 3, h, w, d)`` displacement in cells.
     """
-    shape = tuple(cost.shape[1:])
-    candidates = displacement_candidates(disp_hw, cost.device).to(cost.dtype)
-    flat = cost.reshape(cost.shape[0], -1)
-    field = _smooth_choice(candidates, flat.argmin(0), shape)  # type: ignore[arg-type]
-    cand_sq = candidates.pow(2).sum(0, keepdim=True).t()  # (L, 1)
+    candidates = displacement_candidates(disp_hw, cost.device).to(cost.dtype)  # (3, L)
+    field = _smooth_choice(candidates, cost.argmin(1), shape)
+    cand_sq = candidates.pow(2).sum(0, keepdim=True)  # (1, L)
     for coeff in coupling:
-        current = field.reshape(3, -1)
-        # ||c - f||^2 = |c|^2 - 2 c.f + |f|^2; the last term does not change the argmin
-        penalty = cand_sq - 2.0 * candidates.t() @ current
-        field = _smooth_choice(candidates, (flat + coeff * penalty).argmin(0), shape)  # type: ignore[arg-type]
+        current = field.reshape(3, -1).t()  # (N, 3)
+        # coeff * ||c - f||^2 = coeff * (|c|^2 - 2 c.f) + const(f): the constant leaves the argmin
+        coupled = torch.addmm(cost + coeff * cand_sq, current, candidates, alpha=-2.0 * coeff)
+        field = _smooth_choice(candidates, coupled.argmin(1), shape)
     return field
 
 
@@ -116,12 +113,13 @@ def convex_optimise(feat_fix: torch.Tensor, feat_mov: torch.Tensor, config: Conv
 
     ``feat_fix`` and ``feat_mov`` are ``(1, C, h, w, d)`` on the coarse grid.
     """
+    shape = tuple(feat_fix.shape[2:])
     cost = ssd_cost_volume(feat_fix, feat_mov, config.disp_hw)
-    field = coupled_convex(cost, config.disp_hw, config.coupling)
+    field = coupled_convex(cost, shape, config.disp_hw, config.coupling)
     if not config.inverse_consistent:
         return field
     del cost
     cost_back = ssd_cost_volume(feat_mov, feat_fix, config.disp_hw)
-    back = coupled_convex(cost_back, config.disp_hw, config.coupling)
+    back = coupled_convex(cost_back, shape, config.disp_hw, config.coupling)
     field, _ = inverse_consistency(field, back, config.ic_iterations)
     return field

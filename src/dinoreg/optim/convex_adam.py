@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from dinoreg.optim.convex import ConvexConfig, convex_optimise
 from dinoreg.optim.instance import InstanceConfig, InstanceOptimiser
-from dinoreg.spatial.grid import compose, resize_field, warp
+from dinoreg.spatial.grid import compose, resize_field, sample, warp
 
 
 @dataclass
@@ -40,28 +40,33 @@ def padded_shape(shape: tuple[int, ...], cell: int) -> tuple[int, ...]:
 def features_on_cells(feat: torch.Tensor, image_shape: tuple[int, int, int], cell: int) -> torch.Tensor:
     """Average features over cells of ``cell`` voxels tiling the (padded) image grid.
 
-    ``feat`` is ``(1, C, I', J', K')`` covering the image's field of view (cell-centred). Features
-    on the image grid itself are padded by replication and average-pooled; coarser features are
-    trilinearly resampled to the cell grid.
+    ``feat`` is ``(1, C, I', J', K')`` covering the image's field of view, cell-centred: feature
+    voxel ``a`` along an axis of ``n`` covers image voxels ``[a*I/n, (a+1)*I/n)``. Features on the
+    image grid itself are padded by replication and average-pooled exactly. Other volumes are
+    first average-pooled by the integer factor that brings them closest to the cell size from
+    above (anti-aliasing), then sampled trilinearly at the cell centres.
     """
     padded = padded_shape(image_shape, cell)
     cells = tuple(p // cell for p in padded)
-    if tuple(feat.shape[2:]) == tuple(image_shape):
+    feat_shape = tuple(feat.shape[2:])
+    if feat_shape == tuple(image_shape):
         pad = []
         for s, p in zip(reversed(image_shape), reversed(padded)):
             pad += [0, p - s]
         if any(pad):
             feat = F.pad(feat, pad, mode="replicate")
         return F.avg_pool3d(feat, cell, stride=cell)
-    # coarser volume covering the image's field of view: resample to the cell grid; the
-    # padded margin (beyond the image) is filled by the border value
-    scale = [p / s for p, s in zip(padded, image_shape)]
-    inner = tuple(max(1, round(c / sc)) for c, sc in zip(cells, scale))
-    resampled = F.interpolate(feat, size=inner, mode="trilinear", align_corners=False)
-    pad = []
-    for i_, c in zip(reversed(inner), reversed(cells)):
-        pad += [0, c - i_]
-    return F.pad(resampled, pad, mode="replicate") if any(pad) else resampled
+    voxels_per_feature = [i / n for i, n in zip(image_shape, feat_shape)]
+    factors = tuple(min(n, max(1, int(cell / v))) for n, v in zip(feat_shape, voxels_per_feature))
+    if any(f > 1 for f in factors):
+        feat = F.avg_pool3d(feat, factors, stride=factors)
+        voxels_per_feature = [v * f for v, f in zip(voxels_per_feature, factors)]
+    axes = []
+    for c, v in zip(cells, voxels_per_feature):
+        centres = torch.arange(c, dtype=feat.dtype, device=feat.device) * cell + (cell - 1) / 2
+        axes.append((centres + 0.5) / v - 0.5)
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), 0).unsqueeze(0)
+    return sample(feat, coords, mode="bilinear", padding_mode="border")
 
 
 def field_to_cells(disp: torch.Tensor, image_shape: tuple[int, int, int], cell: int) -> torch.Tensor:

@@ -1,0 +1,240 @@
+"""Command-line interface: ``dinoreg register | warp | evaluate | ...``.
+
+Every user-facing problem ends as one line on stderr (``dinoreg: error: <file>: <problem>``)
+and exit status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dinoreg.errors import DinoregError
+
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {}
+
+
+def command(name: str, help_text: str) -> Callable[[Callable[[argparse.ArgumentParser], None]], Any]:
+    """Register a sub-command: the decorated function adds its arguments; ``handler`` runs it."""
+
+    def wrap(add_args: Callable[[argparse.ArgumentParser], None]) -> Any:
+        def bind(handler: Handler) -> Handler:
+            _COMMANDS[name] = (add_args, handler, help_text)
+            return handler
+
+        add_args.handler = bind  # type: ignore[attr-defined]
+        return add_args
+
+    return wrap
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_intensity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fixed-modality", default="auto", choices=["auto", "ct", "mr", "none"])
+    p.add_argument("--moving-modality", default="auto", choices=["auto", "ct", "mr", "none"])
+    p.add_argument("--ct-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), default=(50.0, 400.0),
+                   help="CT window in HU (default 50 400, abdomen; lung: -600 1500)")
+    p.add_argument("--mr-percentile", type=float, default=99.5, help="MR upper clip percentile (DINO-Reg: 97)")
+
+
+def _add_eval_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fixed-labels", help="fixed label map (for Dice/HD95)")
+    p.add_argument("--moving-labels", help="moving label map (warped with nearest neighbour)")
+    p.add_argument("--fixed-landmarks", help="fixed landmarks CSV (for TRE)")
+    p.add_argument("--moving-landmarks", help="moving landmarks CSV (for TRE)")
+    p.add_argument("--landmarks-space", default="voxel", choices=["voxel", "ras", "lps"],
+                   help="landmark coordinates: voxel indices (Learn2Reg) or world mm in RAS or LPS")
+    p.add_argument("--labels", help="labels to score: comma list or a .npz/.txt file (default: all shared)")
+
+
+def parse_label_list(value: str | None) -> list[int] | None:
+    """``"2,3,4"`` or a file (``.npz`` with one array, or text with one label per line/comma)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.exists():
+        import numpy as np
+
+        if path.suffix == ".npz":
+            data = np.load(path)
+            return [int(x) for x in data[list(data.keys())[0]]]
+        text = path.read_text().replace(",", " ").split()
+        return [int(float(x)) for x in text]
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError as exc:
+        raise DinoregError(f"--labels expects a comma list of integers or a file, got {value!r}") from exc
+
+
+@command("register", "register MOVING onto FIXED; writes disp_*.nii.gz, the warped image, metrics.json")
+def _register_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("fixed")
+    p.add_argument("moving")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--preset", default="mind", help="settings bundle (mind, convexadam, dinoreg, dinoreg-fast, ...)")
+    p.add_argument("--features", help="encoder name or ensemble a+b (mind, dinov2, dino3d, mind+dinov2, ...)")
+    p.add_argument("--weights", help="encoder weights file")
+    p.add_argument("--fixed-mask")
+    p.add_argument("--moving-mask")
+    p.add_argument("--mask-threshold", type=float, default=0.05, help="foreground threshold on [0, 1] intensities")
+    p.add_argument("--similarity", choices=["ssd", "lcc"], help="Adam-stage similarity")
+    p.add_argument("--lambda", dest="lambda_weight", type=float, help="diffusion regulariser weight")
+    p.add_argument("--iterations", type=int, help="Adam iterations")
+    p.add_argument("--grid-sp", type=int, help="convex cell size, voxels")
+    p.add_argument("--disp-hw", type=int, help="convex search half width, cells")
+    p.add_argument("--grid-sp-adam", type=int, help="Adam cell size, voxels")
+    p.add_argument("--no-ic", action="store_true", help="skip inverse consistency in the convex stage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", help="file name of the field (default: Learn2Reg naming)")
+    _add_eval_inputs(p)
+    _add_intensity(p)
+    _add_common(p)
+
+
+def _intensities(args: argparse.Namespace) -> tuple[Any, Any]:
+    from dinoreg.preprocess import Intensity
+
+    window = tuple(args.ct_window)
+    return (Intensity(args.fixed_modality, window, args.mr_percentile),
+            Intensity(args.moving_modality, window, args.mr_percentile))
+
+
+@_register_args.handler
+def _register(args: argparse.Namespace) -> int:
+    from dinoreg.api import _prepare_outdir, register
+
+    _prepare_outdir(args.output)
+    fixed_int, moving_int = _intensities(args)
+    overrides = dict(features=args.features, weights=args.weights, similarity=args.similarity,
+                     lambda_weight=args.lambda_weight, iterations=args.iterations, grid_sp=args.grid_sp,
+                     disp_hw=args.disp_hw, grid_sp_adam=args.grid_sp_adam)
+    if args.no_ic:
+        overrides["ic"] = False
+    result = register(args.fixed, args.moving, preset_name=args.preset, fixed_mask=args.fixed_mask,
+                      moving_mask=args.moving_mask, fixed_labels=args.fixed_labels,
+                      moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
+                      moving_landmarks=args.moving_landmarks, landmarks_space=args.landmarks_space,
+                      eval_labels=parse_label_list(args.labels), fixed_intensity=fixed_int,
+                      moving_intensity=moving_int, mask_threshold=args.mask_threshold, device=args.device,
+                      seed=args.seed, progress=not args.quiet, **overrides)
+    written = result.save(args.output, name=args.name)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    print(f"time: {result.timings['total']:.1f} s (encode {result.timings['encode']:.1f} s, "
+          f"optimise {result.timings['optimise']:.1f} s)")
+    if result.metrics:
+        print(summary_line(result.metrics))
+    return 0
+
+
+def summary_line(m: dict[str, Any]) -> str:
+    """One line with the headline metrics of an ``evaluate_pair`` dict."""
+    parts = []
+    for key, label in (("dice_mean", "Dice"), ("hd95_vox_mean", "HD95 (vox)"), ("hd95_mm_mean", "HD95 (mm)"),
+                       ("tre_mm_mean", "TRE (mm)"), ("sdlogj", "SDlogJ"), ("folding_fraction", "folding")):
+        value = m.get(key)
+        if value is not None:
+            parts.append(f"{label} {value:.4f}")
+    return "metrics: " + ", ".join(parts)
+
+
+@command("warp", "apply a displacement field to an image or label map")
+def _warp_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="moving image or label map (on its own grid)")
+    p.add_argument("field", help="disp_*.nii.gz written by dinoreg register")
+    p.add_argument("-o", "--output", required=True, help="output file (.nii.gz, .mha, .nrrd)")
+    p.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation for label maps")
+    p.add_argument("--fixed", help="fixed image, when the field file carries no affine")
+
+
+@_warp_args.handler
+def _warp(args: argparse.Namespace) -> int:
+    from dinoreg.api import warp
+    from dinoreg.io.images import save_image
+
+    out = warp(args.image, args.field, fixed=args.fixed, labels=args.labels)
+    array = out.array.astype("int16") if args.labels else out.array
+    print(f"warped: {save_image(array, out.affine, args.output)}")
+    return 0
+
+
+@command("evaluate", "score a displacement field on a labelled / landmarked pair (Learn2Reg metrics)")
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("field", help="disp_*.nii.gz")
+    p.add_argument("--fixed", help="fixed image (its grid), default: the field's affine")
+    p.add_argument("--moving", help="moving image (its grid, for moving labels/landmarks on another grid)")
+    p.add_argument("--fixed-mask", help="mask for SDlogJ/folding")
+    p.add_argument("-o", "--output", help="write metrics JSON here")
+    _add_eval_inputs(p)
+
+
+@_evaluate_args.handler
+def _evaluate(args: argparse.Namespace) -> int:
+    from dinoreg.api import evaluate
+    from dinoreg.metrics import to_jsonable
+
+    m = evaluate(args.field, args.fixed_labels, args.moving_labels, fixed_landmarks=args.fixed_landmarks,
+                 moving_landmarks=args.moving_landmarks, fixed=args.fixed, moving=args.moving,
+                 landmarks_space=args.landmarks_space, eval_labels=parse_label_list(args.labels),
+                 fixed_mask=args.fixed_mask)
+    text = json.dumps(to_jsonable(m), indent=2)
+    if args.output:
+        from dinoreg.io.images import atomic_path
+
+        tmp = atomic_path(args.output)
+        tmp.write_text(text)
+        tmp.replace(args.output)
+        print(f"metrics: {args.output}")
+    else:
+        print(text)
+    print(summary_line(m))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``dinoreg`` argument parser."""
+    _load_extra_commands()
+    parser = argparse.ArgumentParser(prog="dinoreg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, _, help_text) in _COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def _load_extra_commands() -> None:
+    """Commands defined next to their feature (encode, dataset, pretrain, ...) register here."""
+    import importlib
+
+    for module in ("dinoreg.commands",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dinoreg`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _, handler, _ = _COMMANDS[args.command]
+    try:
+        return handler(args)
+    except DinoregError as exc:
+        print(f"dinoreg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dinoreg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

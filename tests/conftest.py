@@ -1,0 +1,46 @@
+"""Shared fixtures: real volumes from ../shared/data (never copied into the repository)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+WEIGHTS = SHARED / "weights"
+BRAIN_FIXED = DATA / "learn2reg_tutorial2019_brain_t1" / "subject_1_vol.nii.gz"
+BRAIN_FIXED_SEG = DATA / "learn2reg_tutorial2019_brain_t1" / "subject_1_seg.nii.gz"
+BRAIN_MOVING = DATA / "voxelmorph_brain_t1" / "test_scan_vol.nii.gz"
+BRAIN_MOVING_SEG = DATA / "voxelmorph_brain_t1" / "test_scan_seg.nii.gz"
+BRAIN_LABELS = DATA / "voxelmorph_brain_t1" / "labels.npz"
+
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not available")
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def brain_volume() -> np.ndarray:
+    """The voxelmorph T1 brain, (160, 192, 224) float32 in [0, 1]."""
+    if not BRAIN_MOVING.exists():
+        pytest.skip("../shared/data is not available")
+    from dinoreg.io.images import load_image
+
+    return load_image(BRAIN_MOVING).array
+
+
+@pytest.fixture(scope="session")
+def brain_crop(brain_volume: np.ndarray) -> np.ndarray:
+    """A 96x96x96 crop through the centre of the brain (real anatomy, fast to register)."""
+    return np.ascontiguousarray(brain_volume[32:128, 48:144, 64:160])
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    """Write a test volume with nibabel (identity affine unless given)."""
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), str(path))
+    return path
