@@ -210,15 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_extra_commands() -> None:
-    """Commands defined next to their feature (encode, dataset, pretrain, ...) register here."""
+    """Import every module of ``dinoreg.commands``; each registers its own sub-commands."""
     import importlib
+    import pkgutil
 
-    for module in ("dinoreg.commands",):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    import dinoreg.commands as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
