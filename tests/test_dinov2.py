@@ -163,3 +163,13 @@ def test_names_and_urls():
         "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
     with pytest.raises(DinoregError, match="unknown DINOv2 size"):
         arch_config("vith14")
+
+
+@needs_weights
+def test_resolves_shared_file_through_env_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOREG_WEIGHTS_DIR", str(SHARED / "weights"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("DINOREG_OFFLINE", "1")
+    model = load_dinov2()
+    assert model.name == "dinov2_vits14" and not model.training
+    assert not any(p.requires_grad for p in model.parameters())

@@ -255,7 +255,11 @@ _DROPPED = ("mask_token",)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat ``{name: tensor}`` dict (unwraps ``model``/``state_dict``/``teacher``)."""
+    """Read a checkpoint into a flat ``{name: tensor}`` dict.
+
+    Unwraps ``state_dict``/``model``/``teacher`` sub-dicts; an unreadable file is a one-line
+    :class:`DinoregError` naming it.
+    """
     try:
         if path.name.lower().endswith(".safetensors"):
             from safetensors.torch import load_file
