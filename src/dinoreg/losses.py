@@ -71,3 +71,17 @@ def diffusion(disp: torch.Tensor) -> torch.Tensor:
         if n > 1:
             total = total + (disp.narrow(axis, 1, n - 1) - disp.narrow(axis, 0, n - 1)).pow(2).mean()
     return total
+
+
+def cosine_distance(feat_f: torch.Tensor, feat_w: torch.Tensor, mask: torch.Tensor | None = None,
+                    eps: float = 1e-8) -> torch.Tensor:
+    """Cosine dissimilarity of feature maps: ``1 - cos(f_F(x), f_W(x))`` per location (cosine over
+    the channel axis of ``(N, C, *spatial)``), averaged over locations. Range ``[0, 2]``."""
+    cos = F.cosine_similarity(feat_f, feat_w, dim=1, eps=eps).unsqueeze(1)
+    return _masked_mean(1.0 - cos, mask)
+
+
+def l1_distance(feat_f: torch.Tensor, feat_w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute difference of feature maps ``(N, C, *spatial)``: averaged over channels
+    (``1/C sum_c |f_F - f_W|``, the MAE of Kögl et al.) and then over locations."""
+    return _masked_mean((feat_f - feat_w).abs().mean(1, keepdim=True), mask)
