@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,11 @@ BRAIN_MOVING_SEG = DATA / "voxelmorph_brain_t1" / "test_scan_seg.nii.gz"
 BRAIN_LABELS = DATA / "voxelmorph_brain_t1" / "labels.npz"
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not available")
+needs_weights = pytest.mark.skipif(not WEIGHTS.is_dir(), reason="../shared/weights is not available")
+
+# Tests use the real weights in ../shared/weights and never download.
+os.environ.setdefault("DINOREG_WEIGHTS_DIR", str(WEIGHTS))
+os.environ.setdefault("DINOREG_OFFLINE", "1")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

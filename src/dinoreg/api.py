@@ -125,7 +125,7 @@ def _optimiser_config(s: dict[str, Any]) -> ConvexAdamConfig:
                             inverse_consistent=bool(s["ic"])),
         instance=InstanceConfig(grid_sp=int(s["grid_sp_adam"]), iterations=int(s["iterations"]),
                                 lr=float(s["lr"]), lambda_weight=float(s["lambda_weight"]),
-                                similarity=str(s["similarity"])),
+                                similarity=str(s["similarity"]), param_factor=int(s.get("param_factor", 1))),
         final_smoothing=int(s.get("final_smoothing", 0)),
     )
 
@@ -183,6 +183,65 @@ def _moving_landmarks_on_fixed_grid(path: ImageLike, moving: Image, fixed: Image
     return world_to_voxel(voxel_to_world(points, moving.affine), fixed.affine)
 
 
+def _register_convex_adam(fix_norm: np.ndarray, mov_norm: np.ndarray, fmask: np.ndarray, mmask: np.ndarray,
+                          fix_img: Image, settings: dict[str, Any], dev: torch.device, reporter: Progress,
+                          timings: dict[str, float]) -> torch.Tensor:
+    """Encode the pair, then ConvexAdam on the feature volumes; returns ``(1, 3, I, J, K)``."""
+    t1 = time.perf_counter()
+    feats = _encode(fix_norm, mov_norm, fmask, mmask, fix_img.affine, settings, dev, reporter)
+    timings["encode"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    cfg = _optimiser_config(settings)
+    with reporter.stage("optimise", total=1 + cfg.instance.iterations) as step:
+        disp_t = convex_adam(feats.fixed.float(), feats.moving.float(), fix_img.shape, cfg, init=feats.init,
+                             progress=lambda stage, i, total: step(1) if i > 0 else None)
+    timings["optimise"] = time.perf_counter() - t2
+    return disp_t
+
+
+def _register_ffd(fix_norm: np.ndarray, mov_norm: np.ndarray, fmask: np.ndarray, fix_img: Image,
+                  settings: dict[str, Any], dev: torch.device, reporter: Progress,
+                  timings: dict[str, float]) -> torch.Tensor:
+    """B-spline FFD with an optional 2D encoder in the loss; returns ``(1, 3, I, J, K)``.
+
+    A single-slice image (``K == 1``) is registered in 2D and its field gets a zero third
+    component, so one convention holds for 2D and 3D.
+    """
+    from dinoreg.features.dinov2_pair import slice_axis
+    from dinoreg.features.encoders2d import load_encoder2d
+    from dinoreg.optim.ffd import FFDRegistration
+    from dinoreg.spatial.bspline import spacing_from_mm
+
+    t1 = time.perf_counter()
+    is_2d = fix_img.shape[2] == 1
+    alpha = float(settings.get("alpha", 0.0))
+    encoder = None
+    if settings.get("features") not in (None, "none") and alpha > 0:
+        encoder = load_encoder2d(str(settings["features"]), settings.get("weights"), dev)
+    timings["encode"] = time.perf_counter() - t1
+    voxel_mm = tuple(float(v) for v in fix_img.spacing[: 2 if is_2d else 3])
+    ffd = FFDRegistration(
+        encoder, alpha=alpha, feature_distance=str(settings.get("feature_distance", "cos")),
+        image_distance=str(settings.get("image_distance", "ncc")),
+        grid_spacing=spacing_from_mm(float(settings.get("grid_spacing", 8.0)), voxel_mm),
+        reg_weight=float(settings.get("reg_weight", 0.1)), iterations=int(settings.get("iterations", 100)),
+        lr=float(settings.get("lr", 0.1)), levels=tuple(settings.get("levels", (1,))),
+        slice_axis=-1 if is_2d else slice_axis(settings.get("slice_axis", "auto"), fix_img.affine),
+        slice_stride=int(settings.get("slice_stride", 1)),
+        feature_upsample=float(settings.get("feature_upsample", 1.0)), progress=reporter.enabled)
+    t2 = time.perf_counter()
+    fixed_t = torch.from_numpy(fix_norm).to(dev)[None, None]
+    moving_t = torch.from_numpy(mov_norm).to(dev)[None, None]
+    mask_t = torch.from_numpy(fmask.astype(np.float32)).to(dev)[None, None]
+    if is_2d:
+        fixed_t, moving_t, mask_t = fixed_t[..., 0], moving_t[..., 0], mask_t[..., 0]
+    disp = ffd.register(fixed_t, moving_t)
+    if is_2d:
+        disp = torch.cat([disp, torch.zeros_like(disp[:, :1])], 1)[..., None]
+    timings["optimise"] = time.perf_counter() - t2
+    return disp.detach().float()
+
+
 def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind",
              fixed_mask: ImageLike | None = None, moving_mask: ImageLike | None = None,
              fixed_labels: ImageLike | None = None, moving_labels: ImageLike | None = None,
@@ -230,17 +289,10 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind",
     mmask = _load_mask(mmask_img, mov_norm, fix_img, mask_threshold, mov_orig.name)
     timings["load"] = time.perf_counter() - t0
 
-    t1 = time.perf_counter()
-    feats = _encode(fix_norm, mov_norm, fmask, mmask, fix_img.affine, settings, dev, reporter)
-    timings["encode"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    cfg = _optimiser_config(settings)
-    with reporter.stage("optimise", total=1 + cfg.instance.iterations) as step:
-        disp_t = convex_adam(feats.fixed.float(), feats.moving.float(), fix_img.shape, cfg, init=feats.init,
-                             progress=lambda stage, i, total: step(1) if i > 0 else None)
-    timings["optimise"] = time.perf_counter() - t2
-    del feats
+    if settings.get("method", "convexadam") == "ffd":
+        disp_t = _register_ffd(fix_norm, mov_norm, fmask, fix_img, settings, dev, reporter, timings)
+    else:
+        disp_t = _register_convex_adam(fix_norm, mov_norm, fmask, mmask, fix_img, settings, dev, reporter, timings)
 
     disp = field_to_numpy(disp_t)
     mov_t = torch.from_numpy(np.ascontiguousarray(mov_img.array, dtype=np.float32)).to(dev)[None, None]
@@ -377,3 +429,31 @@ def evaluate(disp: Any, fixed_labels: ImageLike | None = None, moving_labels: Im
                                      labels=None if eval_labels is None else list(eval_labels),
                                      fixed_lms=flms, moving_lms=mlms,
                                      spacing=tuple(float(s) for s in grid.spacing), fixed_mask=mask)
+
+
+def encode(image: ImageLike, *, features: str = "dinov2", preset_name: str = "dinoreg-fast",
+           weights: str | None = None, components: int = 24, modality: str = "auto",
+           mask_threshold: float = 0.05, device: str | torch.device = "auto", progress: bool = True,
+           **overrides: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Feature volume of one image, PCA-reduced on its foreground.
+
+    Returns:
+        ``(C, I', J', K')`` float32 features and the ``(4, 4)`` affine of the feature grid
+        (cell-centred over the image, see ``dinoreg.commands.encode.feature_affine``).
+    """
+    from dinoreg.commands.encode import feature_affine
+
+    settings = preset(preset_name)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings.update(features=features, pca_components=components)
+    if weights is not None:
+        settings["weights"] = weights
+    img = as_image(image, "image")
+    norm = normalise(img.array, Intensity(modality), img.name)
+    mask = check_mask(threshold_mask(norm, mask_threshold), f"{img.name} (intensity threshold {mask_threshold})")
+    feats = _encode(norm, norm, mask, mask, img.affine, {**settings, "slice_match": False}, resolve_device(device),
+                    Progress(progress))
+    array = feats.fixed[0].detach().cpu().float().numpy()
+    if features == "mind":  # MIND is not PCA-reduced by its encoder
+        array = array[:components]
+    return array, feature_affine(img.affine, img.shape, array.shape[1:])

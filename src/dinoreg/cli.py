@@ -79,8 +79,15 @@ def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("fixed")
     p.add_argument("moving")
     p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--preset", default="mind", help="settings bundle (mind, convexadam, dinoreg, dinoreg-fast, ...)")
-    p.add_argument("--features", help="encoder name or ensemble a+b (mind, dinov2, dino3d, mind+dinov2, ...)")
+    p.add_argument("--preset", help="settings bundle (mind [default], convexadam, dinoreg, dinoreg-fast, dino3d, ffd)")
+    p.add_argument("--method", choices=["convexadam", "ffd"],
+                   help="optimiser: convexadam (feature volumes) or ffd (B-spline, encoder in the loss); "
+                        "--method ffd selects the ffd preset unless --preset is given")
+    p.add_argument("--features", help="encoder name or ensemble a+b (mind, dinov2, dino3d, mind+dinov2; "
+                                      "for ffd: litemedsam, dinov2, sam, medsam)")
+    p.add_argument("--alpha", type=float, help="ffd: weight of the feature distance in [0, 1] (0 = NCC alone)")
+    p.add_argument("--feature-distance", choices=["cos", "l1"], help="ffd: feature distance")
+    p.add_argument("--grid-spacing", type=float, help="ffd: control-point spacing, mm")
     p.add_argument("--weights", help="encoder weights file")
     p.add_argument("--fixed-mask")
     p.add_argument("--moving-mask")
@@ -113,12 +120,14 @@ def _register(args: argparse.Namespace) -> int:
 
     _prepare_outdir(args.output)
     fixed_int, moving_int = _intensities(args)
-    overrides = dict(features=args.features, weights=args.weights, similarity=args.similarity,
+    preset_name = args.preset or ("ffd" if args.method == "ffd" else "mind")
+    overrides = dict(method=args.method, alpha=args.alpha, feature_distance=args.feature_distance,
+                     grid_spacing=args.grid_spacing, features=args.features, weights=args.weights, similarity=args.similarity,
                      lambda_weight=args.lambda_weight, iterations=args.iterations, grid_sp=args.grid_sp,
                      disp_hw=args.disp_hw, grid_sp_adam=args.grid_sp_adam)
     if args.no_ic:
         overrides["ic"] = False
-    result = register(args.fixed, args.moving, preset_name=args.preset, fixed_mask=args.fixed_mask,
+    result = register(args.fixed, args.moving, preset_name=preset_name, fixed_mask=args.fixed_mask,
                       moving_mask=args.moving_mask, fixed_labels=args.fixed_labels,
                       moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
                       moving_landmarks=args.moving_landmarks, landmarks_space=args.landmarks_space,

@@ -24,6 +24,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "convexadam": dict(features="mind", mind_radius=1, mind_dilation=2, mind_downsample=1,
                        grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2, iterations=80, lr=1.0,
                        lambda_weight=1.25, similarity="ssd", final_smoothing=0),
+    # DINO-Reg with ViT-S/14 (paper: ViT-L, upsample 5.3, every 3rd slice): upsample 3.
+    "dinoreg": dict(features="dinov2", arch=None, upsample=3.0, every=3, slice_axis="auto", batch_size=8,
+                    pca_components=24, slice_match=True, grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2,
+                    iterations=40, lr=1.0, lambda_weight=0.5, similarity="ssd", final_smoothing=0),
+    # CPU-friendly DINO-Reg: coarser patch grid, every 6th slice encoded.
+    "dinoreg-fast": dict(features="dinov2", arch=None, upsample=2.0, every=6, slice_axis="auto", batch_size=8,
+                         pca_components=24, slice_match=True, grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2,
+                         iterations=40, lr=1.0, lambda_weight=0.5, similarity="ssd", final_smoothing=0),
+    # B-spline FFD (Koegl, Reithmeir et al.): (1-alpha) NCC + alpha feature distance + diffusion.
+    # alpha 0 is NCC alone; set features (litemedsam, dinov2, sam, medsam) and alpha > 0 to use
+    # encoder features of the *warped* moving image in the loss. grid_spacing in mm.
+    "ffd": dict(method="ffd", features=None, alpha=0.0, feature_distance="cos", image_distance="ncc",
+                grid_spacing=8.0, reg_weight=0.1, iterations=100, lr=0.1, levels=(2, 1), slice_axis="auto",
+                slice_stride=1, feature_upsample=1.0),
 }
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoreg import losses
-from dinoreg.spatial.grid import identity_grid, warp
+from dinoreg.spatial.grid import identity_grid, resize_field, warp
 
 SIMILARITIES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "ssd": losses.ssd,
@@ -96,6 +96,7 @@ class InstanceConfig:
     lr: float = 1.0
     lambda_weight: float = 1.25
     similarity: str = "ssd"
+    param_factor: int = 1  # parameters on a grid this many times coarser, upsampled to compare
 
 
 class InstanceOptimiser:
@@ -112,6 +113,11 @@ class InstanceOptimiser:
 
         ``progress`` is called with the iteration number after each step.
         """
+        shape = tuple(feat_fix.shape[2:])
+        if self.config.param_factor > 1:
+            coarse = tuple(max(1, -(-n // self.config.param_factor)) for n in shape)
+            init = resize_field(init, coarse)
+        self._shape = shape
         params = init.detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([params], lr=self.config.lr)
         step = self._ssd_step if self.config.similarity == "ssd" else self._autograd_step
@@ -123,22 +129,39 @@ class InstanceOptimiser:
             if progress is not None:
                 progress(it + 1)
         with torch.no_grad():
-            return smooth_field(params)
+            return self._expand(smooth_field(params))
+
+    def _expand(self, field: torch.Tensor) -> torch.Tensor:
+        """Parameter-grid field -> feature-grid field (identity unless ``param_factor > 1``)."""
+        if tuple(field.shape[2:]) == self._shape:
+            return field
+        return resize_field(field, self._shape)
 
     def _ssd_step(self, params: torch.Tensor, feat_fix: torch.Tensor, feat_mov: torch.Tensor,
                   fixed_grad: list[torch.Tensor] | None) -> None:
         assert fixed_grad is not None
         with torch.no_grad():
-            field = smooth_field(params)
+            smooth = smooth_field(params)
+        coarse = smooth.requires_grad_(True)
+        field = self._expand(coarse)
+        with torch.no_grad():
             residual = (warp(feat_mov, field) - feat_fix) * inside_mask(field)
             scale = 2.0 / residual[0, 0].numel()
             grad = torch.cat([(residual * g).sum(1, keepdim=True) for g in fixed_grad], 1) * scale
-            grad += diffusion_gradient(field, self.config.lambda_weight)
-            params.grad = smooth_field(grad)
+        if field is coarse:
+            grad_coarse = grad
+        else:  # adjoint of the upsampling, by autograd (cheap: 3 channels)
+            field.backward(grad)
+            grad_coarse = coarse.grad
+        with torch.no_grad():
+            # differences across coarse cells are param_factor times those across feature cells
+            weight = self.config.lambda_weight / self.config.param_factor ** 2
+            grad_coarse = grad_coarse + diffusion_gradient(smooth, weight)
+            params.grad = smooth_field(grad_coarse)
 
     def _autograd_step(self, params: torch.Tensor, feat_fix: torch.Tensor, feat_mov: torch.Tensor,
                        fixed_grad: list[torch.Tensor] | None) -> None:
         similarity = SIMILARITIES[self.config.similarity]
-        field = smooth_field(params)
+        field = self._expand(smooth_field(params))
         loss = similarity(feat_fix, warp(feat_mov, field)) + self.config.lambda_weight * losses.diffusion(field)
         loss.backward()
