@@ -141,16 +141,30 @@ def _load_mask(mask: ImageLike | None, normalised: np.ndarray, reference: Image,
     return check_mask(m.array, m.name)
 
 
-def _encode(fixed: np.ndarray, moving: np.ndarray, fmask: np.ndarray, mmask: np.ndarray, affine: np.ndarray,
-            settings: dict[str, Any], device: torch.device, progress: Progress) -> PairFeatures:
-    names = str(settings["features"]).split("+")
+def _encode_parts(fixed: np.ndarray, moving: np.ndarray, fmask: np.ndarray, mmask: np.ndarray,
+                  affine: np.ndarray, settings: dict[str, Any], device: torch.device,
+                  progress: Progress) -> list[PairFeatures]:
+    """One :class:`PairFeatures` per encoder named in ``settings["features"]`` (``a+b``)."""
     parts = []
-    for name in names:
+    for name in str(settings["features"]).split("+"):
         request = EncodeRequest(fixed, moving, fmask, mmask, affine, device, progress, settings)
         parts.append(get_encoder(name)(request))
+    return parts
+
+
+def _ensemble_weights(settings: dict[str, Any], n: int) -> list[float]:
+    weights = settings.get("ensemble_weights") or [1.0] * n
+    if len(weights) != n:
+        raise DinoregError(f"ensemble_weights needs {n} values for features {settings['features']!r}")
+    return [float(w) for w in weights]
+
+
+def _encode(fixed: np.ndarray, moving: np.ndarray, fmask: np.ndarray, mmask: np.ndarray, affine: np.ndarray,
+            settings: dict[str, Any], device: torch.device, progress: Progress) -> PairFeatures:
+    parts = _encode_parts(fixed, moving, fmask, mmask, affine, settings, device, progress)
     if len(parts) == 1:
         return parts[0]
-    return combine_features(parts, [float(w) for w in settings.get("ensemble_weights", [1.0] * len(parts))])
+    return combine_features(parts, _ensemble_weights(settings, len(parts)))
 
 
 def combine_features(parts: Sequence[PairFeatures], weights: Sequence[float]) -> PairFeatures:
@@ -186,17 +200,33 @@ def _moving_landmarks_on_fixed_grid(path: ImageLike, moving: Image, fixed: Image
 def _register_convex_adam(fix_norm: np.ndarray, mov_norm: np.ndarray, fmask: np.ndarray, mmask: np.ndarray,
                           fix_img: Image, settings: dict[str, Any], dev: torch.device, reporter: Progress,
                           timings: dict[str, float]) -> torch.Tensor:
-    """Encode the pair, then ConvexAdam on the feature volumes; returns ``(1, 3, I, J, K)``."""
+    """Encode the pair, then ConvexAdam on the feature volumes; returns ``(1, 3, I, J, K)``.
+
+    An ensemble (``features="a+b"``) either concatenates the encoders' channels into one
+    optimisation (``ensemble="concat"``, default) or registers with each and averages the
+    fields with ``ensemble_weights`` (``ensemble="average"``).
+    """
     t1 = time.perf_counter()
-    feats = _encode(fix_norm, mov_norm, fmask, mmask, fix_img.affine, settings, dev, reporter)
+    parts = _encode_parts(fix_norm, mov_norm, fmask, mmask, fix_img.affine, settings, dev, reporter)
     timings["encode"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     cfg = _optimiser_config(settings)
-    with reporter.stage("optimise", total=1 + cfg.instance.iterations) as step:
-        disp_t = convex_adam(feats.fixed.float(), feats.moving.float(), fix_img.shape, cfg, init=feats.init,
-                             progress=lambda stage, i, total: step(1) if i > 0 else None)
+    weights = _ensemble_weights(settings, len(parts))
+    if len(parts) > 1 and settings.get("ensemble", "concat") == "average":
+        fields = [_optimise(part, fix_img.shape, cfg, reporter) for part in parts]
+        disp_t = sum(w * f for w, f in zip(weights, fields)) / sum(weights)
+    else:
+        feats = parts[0] if len(parts) == 1 else combine_features(parts, weights)
+        disp_t = _optimise(feats, fix_img.shape, cfg, reporter)
     timings["optimise"] = time.perf_counter() - t2
     return disp_t
+
+
+def _optimise(feats: PairFeatures, shape: tuple[int, int, int], cfg: ConvexAdamConfig,
+              reporter: Progress) -> torch.Tensor:
+    with reporter.stage("optimise", total=1 + cfg.instance.iterations) as step:
+        return convex_adam(feats.fixed.float(), feats.moving.float(), shape, cfg, init=feats.init,
+                           progress=lambda stage, i, total: step(1) if i > 0 else None)
 
 
 def _register_ffd(fix_norm: np.ndarray, mov_norm: np.ndarray, fmask: np.ndarray, fix_img: Image,

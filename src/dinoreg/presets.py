@@ -32,6 +32,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dinoreg-fast": dict(features="dinov2", arch=None, upsample=2.0, every=6, slice_axis="auto", batch_size=8,
                          pca_components=24, slice_match=True, grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2,
                          iterations=40, lr=1.0, lambda_weight=0.5, similarity="ssd", final_smoothing=0),
+    # 3D DINO ViT (Kats & Heinrich): one 3D forward pass per image, joint PCA, ConvexAdam.
+    "dino3d": dict(features="dino3d", weights=None, window=None, overlap=0.5, pca_components=24, grid_sp=6,
+                   disp_hw=4, ic=True, grid_sp_adam=2, iterations=40, lr=1.0, lambda_weight=0.5,
+                   similarity="ssd", final_smoothing=0),
     # B-spline FFD (Koegl, Reithmeir et al.): (1-alpha) NCC + alpha feature distance + diffusion.
     # alpha 0 is NCC alone; set features (litemedsam, dinov2, sam, medsam) and alpha > 0 to use
     # encoder features of the *warped* moving image in the loss. grid_spacing in mm.
