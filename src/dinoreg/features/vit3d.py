@@ -24,7 +24,6 @@ holds the network configuration as JSON (key ``dinoreg_vit3d_config``).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -419,8 +418,9 @@ class Dino3DEncoder:
 
     def encode(self, volume: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``(I, J, K)`` float in ``[0, 1]`` -> ``(C, I', J', K')`` float32 CPU tensor."""
-        vol = torch.as_tensor(np.asarray(volume) if not torch.is_tensor(volume) else volume, dtype=torch.float32)
+        vol = torch.as_tensor(volume if torch.is_tensor(volume) else np.asarray(volume), dtype=torch.float32)
         if vol.ndim != 3:
             raise DinoregError(f"dino3d expects a 3D volume, got shape {tuple(vol.shape)}")
         feats = sliding_window_features(self.model, vol, self.window, self.overlap, self.blend, self.progress)
-        return align_to_field_of_view(feats, tuple(int(s) for s in vol.shape), self.patch_size)  # type: ignore[arg-type]
+        shape = (int(vol.shape[0]), int(vol.shape[1]), int(vol.shape[2]))
+        return align_to_field_of_view(feats, shape, self.patch_size)

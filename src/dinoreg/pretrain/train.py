@@ -162,8 +162,9 @@ def new_state(cfg: PretrainConfig, device: torch.device) -> TrainState:
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(_param_groups(student), lr=cfg.lr, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    return TrainState(student, teacher, optimizer, DinoLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device),
-                      PatchLoss(cfg.patch_out_dim, cfg.student_temp, cfg.patch_center_momentum).to(device), gen)
+    dino_loss = DinoLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device)
+    patch_loss = PatchLoss(cfg.patch_out_dim, cfg.student_temp, cfg.patch_center_momentum).to(device)
+    return TrainState(student, teacher, optimizer, dino_loss, patch_loss, gen)
 
 
 def schedules(cfg: PretrainConfig, step: int) -> dict[str, float]:
