@@ -14,7 +14,7 @@ from dinoreg.features.vit3d import (
 )
 
 torch.set_num_threads(1)
-TINY = ViT3DConfig(embed_dim=24, depth=2, num_heads=2, window=16)
+TINY = ViT3DConfig(embed_dim=24, depth=2, num_heads=2, window=16, pos_embed="sinusoidal")
 
 
 def tiny_model(**kw) -> ViT3D:
@@ -137,3 +137,13 @@ def test_config_validation():
         ViT3DConfig(embed_dim=10, num_heads=3)
     with pytest.raises(DinoregError):
         ViT3DConfig(window=30)
+
+
+def test_conv_position_encoding_is_translation_equivariant():
+    model = tiny_model(pos_embed="conv", depth=0)
+    vol = torch.rand(1, 1, 32, 32, 32)
+    shifted = torch.roll(vol, shifts=4, dims=2)  # one patch along i
+    a, b = model.features(vol)[0], model.features(shifted)[0]
+    assert torch.allclose(a[:, 2:6], b[:, 3:7], atol=1e-5)
+    full = tiny_model(pos_embed="conv")
+    assert Dino3DEncoder(full).encode(torch.rand(20, 24, 12)).shape == (24, 5, 6, 3)

@@ -7,9 +7,13 @@ DINO-pretrained registration features:
   volume ``(N, 1, I, J, K)`` (with ``I, J, K`` multiples of the patch size) becomes a token grid
   ``(n_i, n_j, n_k) = (I/p, J/p, K/p)``; token ``(a, b, c)`` sees input voxels
   ``[a*p, (a+1)*p) x [b*p, (b+1)*p) x [c*p, (c+1)*p)``.
-* **Position embeddings** that adapt to the token grid: ``sinusoidal`` (fixed, computed for any
-  grid; a third of the channels encode each axis) or ``learned`` (a parameter on a reference grid,
-  resampled trilinearly to the actual grid).
+* **Position embeddings** that adapt to the token grid: ``conv`` (default; a depthwise 3x3x3
+  convolution of the token grid added to the tokens - a conditional positional encoding that is
+  translation-equivariant, so features do not encode where a token sits inside its window),
+  ``sinusoidal`` (fixed, computed for any grid; a third of the channels encode each axis) or
+  ``learned`` (a parameter on a reference grid, resampled trilinearly to the actual grid). With
+  absolute embeddings (``sinusoidal``/``learned``) the output features of a window carry its
+  in-window positions, which biases feature matching towards zero displacement.
 * Pre-norm transformer blocks (LayerNorm -> multi-head self-attention -> residual; LayerNorm ->
   MLP -> residual), one class token, a final LayerNorm.
 * **Dense output**: the patch tokens reshaped to a feature volume ``(N, C, n_i, n_j, n_k)``.
@@ -34,8 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dinoreg.errors import DinoregError
+from dinoreg.errors import DinoregError, WeightsNotFoundError
 
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "dino3d_shareddata.safetensors"
 CONFIG_KEY = "dinoreg_vit3d_config"
 FORMAT_KEY = "format"
 FORMAT_VALUE = "dinoreg-vit3d"
@@ -51,7 +56,8 @@ class ViT3DConfig:
         depth: number of transformer blocks.
         num_heads: attention heads (``embed_dim`` must be divisible by it).
         mlp_ratio: hidden width of the MLP relative to ``embed_dim``.
-        pos_embed: ``"sinusoidal"`` (fixed, any grid) or ``"learned"`` (interpolated).
+        pos_embed: ``"conv"`` (depthwise 3x3x3 conv, translation-equivariant), ``"sinusoidal"``
+            (fixed, any grid) or ``"learned"`` (interpolated).
         pos_grid: reference token grid of learned position embeddings.
         window: sliding-window edge in voxels used by the encoder (multiple of ``patch_size``).
     """
@@ -61,15 +67,15 @@ class ViT3DConfig:
     depth: int = 4
     num_heads: int = 4
     mlp_ratio: float = 4.0
-    pos_embed: str = "sinusoidal"
+    pos_embed: str = "conv"
     pos_grid: tuple[int, int, int] = (12, 12, 12)
     window: int = 48
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
             raise DinoregError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.pos_embed not in ("sinusoidal", "learned"):
-            raise DinoregError(f"unknown pos_embed {self.pos_embed!r} (use sinusoidal or learned)")
+        if self.pos_embed not in ("conv", "sinusoidal", "learned"):
+            raise DinoregError(f"unknown pos_embed {self.pos_embed!r} (use conv, sinusoidal or learned)")
         if self.window % self.patch_size:
             raise DinoregError(f"window {self.window} is not a multiple of patch_size {self.patch_size}")
 
@@ -145,6 +151,8 @@ class ViT3D(nn.Module):
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.embed_dim, *cfg.pos_grid))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if cfg.pos_embed == "conv":
+            self.pos_conv = nn.Conv3d(cfg.embed_dim, cfg.embed_dim, 3, padding=1, groups=cfg.embed_dim)
         self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -159,7 +167,9 @@ class ViT3D(nn.Module):
         return self.config.embed_dim
 
     def position_embedding(self, grid: tuple[int, int, int]) -> torch.Tensor:
-        """Position embeddings for a token grid: ``(1, n_i*n_j*n_k, C)``."""
+        """Absolute position embeddings for a token grid: ``(1, n_i*n_j*n_k, C)`` (not for ``conv``)."""
+        if self.config.pos_embed == "conv":
+            raise DinoregError("pos_embed='conv' has no absolute position embedding")
         if self.config.pos_embed == "sinusoidal":
             return sinusoidal_pos_embed_3d(grid, self.embed_dim).to(self.cls_token).unsqueeze(0)
         pe = self.pos_embed
@@ -175,6 +185,7 @@ class ViT3D(nn.Module):
             x: ``(B, 1, I, J, K)`` intensities in ``[0, 1]``; ``I, J, K`` multiples of the patch size.
             mask: optional boolean ``(B, n_i*n_j*n_k)``; masked tokens are replaced by a learned
                 mask token before the position embedding is added (iBOT-style).
+                With ``conv`` position encoding the convolution sees the masked grid.
 
         Returns:
             ``(cls (B, C), patches (B, N, C), grid (n_i, n_j, n_k))`` after the final LayerNorm.
@@ -187,7 +198,11 @@ class ViT3D(nn.Module):
         tokens = tokens.flatten(2).transpose(1, 2)
         if mask is not None:
             tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
-        tokens = tokens + self.position_embedding(grid).to(tokens.dtype)
+        if self.config.pos_embed == "conv":
+            token_grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+            tokens = tokens + self.pos_conv(token_grid).flatten(2).transpose(1, 2)
+        else:
+            tokens = tokens + self.position_embedding(grid).to(tokens.dtype)
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
         for block in self.blocks:
             tokens = block(tokens)
@@ -359,7 +374,7 @@ def load_vit3d(path: str | os.PathLike) -> tuple[ViT3D, dict[str, str]]:
 
     p = Path(path)
     if not p.is_file():
-        raise DinoregError("dino3d weights not found", p)
+        raise WeightsNotFoundError("dino3d weights not found", p)
     try:
         with safe_open(str(p), framework="pt") as handle:
             meta = handle.metadata() or {}
@@ -411,9 +426,14 @@ class Dino3DEncoder:
         return self.model.embed_dim
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, **kwargs: Any) -> "Dino3DEncoder":
-        """Load a safetensors checkpoint (config embedded in the metadata); see :func:`load_vit3d`."""
-        model, _ = load_vit3d(path)
+    def from_file(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> "Dino3DEncoder":
+        """Load a safetensors checkpoint (config embedded in the metadata); see :func:`load_vit3d`.
+
+        ``path=None`` loads the checkpoint shipped with dinoreg (:data:`SHIPPED_WEIGHTS`, trained
+        on the development data only - see ``assets/dino3d_shareddata.md``). Keyword arguments go
+        to the constructor (``window``, ``overlap``, ``blend``, ``device``, ``progress``).
+        """
+        model, _ = load_vit3d(SHIPPED_WEIGHTS if path is None else path)
         return cls(model, **kwargs)
 
     def encode(self, volume: np.ndarray | torch.Tensor) -> torch.Tensor:
