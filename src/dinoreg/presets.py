@@ -18,7 +18,7 @@ from dinoreg.errors import DinoregError
 PRESETS: dict[str, dict[str, Any]] = {
     # MIND-SSC + ConvexAdam tuned for 2 CPU cores (see the README's benchmark table).
     "mind": dict(features="mind", mind_radius=1, mind_dilation=2, mind_downsample=1,
-                 grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2, iterations=40, lr=1.0,
+                 grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2, iterations=40, lr=1.0, param_factor=2,
                  lambda_weight=1.25, similarity="ssd", final_smoothing=0),
     # The reference ConvexAdam settings (convexadam 0.2.0 defaults), slower.
     "convexadam": dict(features="mind", mind_radius=1, mind_dilation=2, mind_downsample=1,
