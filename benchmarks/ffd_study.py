@@ -1,0 +1,187 @@
+"""2D study of the B-spline FFD with encoder features in the loss (Kögl, Reithmeir et al., Table 1).
+
+Pairs (the middle slice along the last array axis of each volume, as 2D images):
+
+* ``oasis``: fixed ``learn2reg_tutorial2019_brain_t1/subject_1_vol`` <- moving
+  ``voxelmorph_brain_t1/test_scan_vol``, labels ``*_seg``, Dice over the 30 labels of
+  ``voxelmorph_brain_t1/labels.npz`` (labels absent from either slice are NaN and skipped);
+* ``lapirn``: fixed ``lapirn_brain_t1_pair`` image A <- moving image B, labels 1 and 2.
+
+Rows: no registration (initial), NCC alone (alpha 0), and for every encoder and feature distance
+(``cos``, ``l1``) variant 1 (alpha 1: feature distance alone) and variant 2 (alpha 0.3:
+0.7 NCC + 0.3 feature distance). Every row uses the SAME FFD settings (grid spacing, lambda,
+learning rate, iterations, levels); only alpha, the encoder and the distance change.
+
+Usage::
+
+    python benchmarks/ffd_study.py OUTDIR [--shared ../shared] [--iterations 20] [--encoders dinov2 litemedsam]
+
+Writes ``OUTDIR/ffd_study.md`` (markdown table) and ``OUTDIR/ffd_study.json`` (all metrics,
+settings, seconds per run), updated after every run so a partial study is never lost.
+Run with one thread (``OMP_NUM_THREADS=1``) for comparable timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PAIRS = {
+    "oasis": dict(fixed="data/learn2reg_tutorial2019_brain_t1/subject_1_vol.nii.gz",
+                  fixed_seg="data/learn2reg_tutorial2019_brain_t1/subject_1_seg.nii.gz",
+                  moving="data/voxelmorph_brain_t1/test_scan_vol.nii.gz",
+                  moving_seg="data/voxelmorph_brain_t1/test_scan_seg.nii.gz",
+                  labels="data/voxelmorph_brain_t1/labels.npz"),
+    "lapirn": dict(fixed="data/lapirn_brain_t1_pair/image_A_160x192x144.nii.gz",
+                   fixed_seg="data/lapirn_brain_t1_pair/image_A_160x192x144_seg.nii.gz",
+                   moving="data/lapirn_brain_t1_pair/image_B_160x192x144.nii.gz",
+                   moving_seg="data/lapirn_brain_t1_pair/image_B_160x192x144_seg.nii.gz",
+                   labels=[1, 2]),
+}
+VARIANTS = [("variant 1", 1.0), ("variant 2", 0.3)]
+DISTANCES = ["l1", "cos"]
+METRICS = ("dice_mean", "hd95_vox_mean", "sdlogj", "folding_fraction")
+
+
+def middle_slice(path: Path, labels: bool = False) -> np.ndarray:
+    """The middle slice along the last array axis, ``(I, J)`` (ints for label maps)."""
+    from dinoreg.io.images import load_image
+
+    img = load_image(path, dtype=None if labels else np.float32)
+    arr = img.array[:, :, img.shape[2] // 2]
+    return np.ascontiguousarray(arr.astype(np.int32) if labels else arr.astype(np.float32))
+
+
+def load_pair(shared: Path, spec: dict) -> dict:
+    labels = spec["labels"]
+    if isinstance(labels, str):
+        labels = [int(x) for x in np.load(shared / labels)["labels"]]
+    return dict(fixed=middle_slice(shared / spec["fixed"]), moving=middle_slice(shared / spec["moving"]),
+                fixed_seg=middle_slice(shared / spec["fixed_seg"], True),
+                moving_seg=middle_slice(shared / spec["moving_seg"], True), labels=labels)
+
+
+def initial_metrics(pair: dict) -> dict:
+    from dinoreg.metrics import evaluate_pair
+
+    disp = np.zeros((*pair["fixed"].shape, 1, 3), np.float32)
+    return evaluate_pair(disp, pair["fixed_seg"][..., None], pair["moving_seg"][..., None], labels=pair["labels"])
+
+
+def run_one(pair: dict, settings: dict, encoder: str | None, alpha: float, distance: str) -> dict:
+    import dinoreg
+
+    t0 = time.perf_counter()
+    res = dinoreg.register(pair["fixed"], pair["moving"], preset_name="ffd", device="cpu", progress=False,
+                           features=encoder, alpha=alpha, feature_distance=distance,
+                           feature_upsample=settings["feature_upsample"].get(encoder or "none", 1.0),
+                           grid_spacing=settings["grid_spacing"], reg_weight=settings["reg_weight"],
+                           lr=settings["lr"], iterations=settings["iterations"], levels=tuple(settings["levels"]),
+                           fixed_labels=pair["fixed_seg"], moving_labels=pair["moving_seg"],
+                           eval_labels=pair["labels"])
+    out = {k: res.metrics.get(k) for k in METRICS}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def markdown(rows: list[dict], pairs: list[str]) -> str:
+    head = ["encoder", "variant"]
+    for p in pairs:
+        head += [f"Dice {p}", f"HD95 {p} (vox)", f"SDlogJ {p}"]
+    head += ["mean Dice", "s/run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["encoder"], r["variant"]]
+        dices = []
+        for p in pairs:
+            m = r["pairs"].get(p)
+            if m is None:
+                cells += ["…", "…", "…"]
+                continue
+            dices.append(m["dice_mean"])
+            sd = "-" if r["variant"] == "initial" else _fmt(m["sdlogj"])
+            cells += [_fmt(m["dice_mean"]), _fmt(m["hd95_vox_mean"], 2), sd]
+        cells.append(_fmt(float(np.mean(dices))) if len(dices) == len(pairs) else "…")
+        secs = [m["seconds"] for m in r["pairs"].values() if m and "seconds" in m]
+        cells.append(f"{np.mean(secs):.0f}" if secs else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", help="output folder (ffd_study.md, ffd_study.json)")
+    parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    parser.add_argument("--encoders", nargs="+", default=["dinov2", "litemedsam"])
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1])
+    parser.add_argument("--grid-spacing", type=float, default=8.0, help="control spacing, mm")
+    parser.add_argument("--reg-weight", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--dinov2-upsample", type=float, default=2.0)
+    parser.add_argument("--ncc-only", action="store_true", help="initial + NCC rows only (for tuning)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    shared = Path(args.shared)
+    out = Path(args.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(iterations=args.iterations, levels=args.levels, grid_spacing=args.grid_spacing,
+                    reg_weight=args.reg_weight, lr=args.lr, image_distance="ncc",
+                    feature_upsample={"dinov2": args.dinov2_upsample, "litemedsam": 1.0, "none": 1.0},
+                    threads=args.threads)
+    pairs = {name: load_pair(shared, PAIRS[name]) for name in args.pairs}
+    rows = [dict(encoder="no encoder", variant="initial", pairs={}),
+            dict(encoder="no encoder", variant="NCC", pairs={})]
+    jobs = [(rows[1], None, 0.0, "cos")]
+    if not args.ncc_only:
+        for enc in args.encoders:
+            for vname, alpha in VARIANTS:
+                for dist in DISTANCES:
+                    label = dist.upper().replace("COS", "Cos") + ("" if alpha == 1.0 else " + NCC")
+                    row = dict(encoder=enc, variant=f"{vname}: {label}", alpha=alpha, distance=dist, pairs={})
+                    rows.append(row)
+                    jobs.append((row, enc, alpha, dist))
+        # run variant 2 (the comparison that matters) before variant 1, table order unchanged
+        jobs.sort(key=lambda job: 0 if job[2] is None or job[2] < 1.0 else 1)
+    t_start = time.perf_counter()
+
+    def save() -> None:
+        payload = dict(settings=settings, pairs={k: PAIRS[k] for k in args.pairs}, rows=rows,
+                       wall_seconds=time.perf_counter() - t_start)
+        (out / "ffd_study.json").write_text(json.dumps(payload, indent=2, default=lambda v: None))
+        (out / "ffd_study.md").write_text(markdown(rows, args.pairs))
+
+    for name, pair in pairs.items():
+        rows[0]["pairs"][name] = {k: initial_metrics(pair).get(k) for k in METRICS}
+    save()
+    for row, enc, alpha, dist in jobs:
+        for name, pair in pairs.items():
+            row["pairs"][name] = run_one(pair, settings, enc, alpha, dist)
+            print(f"{row['encoder']:>10} {row['variant']:<22} {name:<7} "
+                  f"Dice {_fmt(row['pairs'][name]['dice_mean'])} "
+                  f"HD95 {_fmt(row['pairs'][name]['hd95_vox_mean'], 2)} "
+                  f"SDlogJ {_fmt(row['pairs'][name]['sdlogj'])} "
+                  f"({row['pairs'][name]['seconds']:.0f} s)", flush=True)
+            save()
+    save()
+    print(markdown(rows, args.pairs))
+    print(f"wall time {time.perf_counter() - t_start:.0f} s; results in {out}")
+
+
+if __name__ == "__main__":
+    main()
