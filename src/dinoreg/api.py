@@ -229,13 +229,14 @@ def _optimise(feats: PairFeatures, shape: tuple[int, int, int], cfg: ConvexAdamC
                            progress=lambda stage, i, total: step(1) if i > 0 else None)
 
 
-def _register_ffd(fix_norm: np.ndarray, mov_norm: np.ndarray, fmask: np.ndarray, fix_img: Image,
+def _register_ffd(fix_norm: np.ndarray, mov_norm: np.ndarray, fmask: np.ndarray | None, fix_img: Image,
                   settings: dict[str, Any], dev: torch.device, reporter: Progress,
                   timings: dict[str, float]) -> torch.Tensor:
     """B-spline FFD with an optional 2D encoder in the loss; returns ``(1, 3, I, J, K)``.
 
     A single-slice image (``K == 1``) is registered in 2D and its field gets a zero third
-    component, so one convention holds for 2D and 3D.
+    component, so one convention holds for 2D and 3D. ``fmask`` (a user-given fixed mask)
+    restricts both distances; without one the whole image counts, as in the paper.
     """
     from dinoreg.features.dinov2_pair import slice_axis
     from dinoreg.features.encoders2d import load_encoder2d
@@ -254,7 +255,7 @@ def _register_ffd(fix_norm: np.ndarray, mov_norm: np.ndarray, fmask: np.ndarray,
         encoder, alpha=alpha, feature_distance=str(settings.get("feature_distance", "cos")),
         image_distance=str(settings.get("image_distance", "ncc")),
         grid_spacing=spacing_from_mm(float(settings.get("grid_spacing", 8.0)), voxel_mm),
-        reg_weight=float(settings.get("reg_weight", 0.1)), iterations=int(settings.get("iterations", 100)),
+        reg_weight=float(settings.get("reg_weight", 0.1)), iterations=settings.get("iterations", 100),
         lr=float(settings.get("lr", 0.1)), levels=tuple(settings.get("levels", (1,))),
         slice_axis=-1 if is_2d else slice_axis(settings.get("slice_axis", "auto"), fix_img.affine),
         slice_stride=int(settings.get("slice_stride", 1)),
@@ -262,10 +263,11 @@ def _register_ffd(fix_norm: np.ndarray, mov_norm: np.ndarray, fmask: np.ndarray,
     t2 = time.perf_counter()
     fixed_t = torch.from_numpy(fix_norm).to(dev)[None, None]
     moving_t = torch.from_numpy(mov_norm).to(dev)[None, None]
-    mask_t = torch.from_numpy(fmask.astype(np.float32)).to(dev)[None, None]
+    mask_t = None if fmask is None else torch.from_numpy(fmask.astype(np.float32)).to(dev)[None, None]
     if is_2d:
-        fixed_t, moving_t, mask_t = fixed_t[..., 0], moving_t[..., 0], mask_t[..., 0]
-    disp = ffd.register(fixed_t, moving_t)
+        fixed_t, moving_t = fixed_t[..., 0], moving_t[..., 0]
+        mask_t = None if mask_t is None else mask_t[..., 0]
+    disp = ffd.register(fixed_t, moving_t, mask=mask_t)
     if is_2d:
         disp = torch.cat([disp, torch.zeros_like(disp[:, :1])], 1)[..., None]
     timings["optimise"] = time.perf_counter() - t2
@@ -320,7 +322,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind",
     timings["load"] = time.perf_counter() - t0
 
     if settings.get("method", "convexadam") == "ffd":
-        disp_t = _register_ffd(fix_norm, mov_norm, fmask, fix_img, settings, dev, reporter, timings)
+        disp_t = _register_ffd(fix_norm, mov_norm, fmask if fixed_mask is not None else None, fix_img, settings,
+                               dev, reporter, timings)
     else:
         disp_t = _register_convex_adam(fix_norm, mov_norm, fmask, mmask, fix_img, settings, dev, reporter, timings)
 

@@ -88,6 +88,9 @@ def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="ffd: weight of the feature distance in [0, 1] (0 = NCC alone)")
     p.add_argument("--feature-distance", choices=["cos", "l1"], help="ffd: feature distance")
     p.add_argument("--grid-spacing", type=float, help="ffd: control-point spacing, mm")
+    p.add_argument("--levels", type=int, nargs="+", help="ffd: pyramid factors, coarse to fine (e.g. 2 1)")
+    p.add_argument("--slice-stride", type=int, help="ffd in 3D: encode every k-th slice per iteration")
+    p.add_argument("--feature-upsample", type=float, help="ffd: slice upsampling before the encoder")
     p.add_argument("--weights", help="encoder weights file")
     p.add_argument("--fixed-mask")
     p.add_argument("--moving-mask")
@@ -122,7 +125,8 @@ def _register(args: argparse.Namespace) -> int:
     fixed_int, moving_int = _intensities(args)
     preset_name = args.preset or ("ffd" if args.method == "ffd" else "mind")
     overrides = dict(method=args.method, alpha=args.alpha, feature_distance=args.feature_distance,
-                     grid_spacing=args.grid_spacing, features=args.features, weights=args.weights, similarity=args.similarity,
+                     grid_spacing=args.grid_spacing, levels=None if args.levels is None else tuple(args.levels),
+                     slice_stride=args.slice_stride, feature_upsample=args.feature_upsample, features=args.features, weights=args.weights, similarity=args.similarity,
                      lambda_weight=args.lambda_weight, iterations=args.iterations, grid_sp=args.grid_sp,
                      disp_hw=args.disp_hw, grid_sp_adam=args.grid_sp_adam)
     if args.no_ic:
@@ -244,5 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run through the package module so plugin commands register once
+    from dinoreg import cli as _cli
+
+    sys.exit(_cli.main())
