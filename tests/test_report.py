@@ -90,9 +90,10 @@ def test_report_in_headless_chromium(run_folder: Path, tmp_path: Path, embed: bo
     for stem in ("0001_0000_0002_0000", "0003_0000_0004_0000"):
         assert f'id="pair-{stem}"' in dom
     assert "<table>" in dom and "dice_mean" in dom
-    broken = tmp_path / "broken.html"  # the check is not vacuous: a missing picture is counted
+    broken = run_folder / "broken.html"  # the check is not vacuous: a missing picture is counted
     broken.write_text(page.read_text().replace("</section>", '<img src="missing.png"></section>', 1))
     dom = _chromium(["--dump-dom", broken.as_uri()], tmp_path, "broken").stdout
+    broken.unlink()
     assert re.search(r'data-loaded="2" data-total="3"', dom)
     shot = tmp_path / "report.png"
     _chromium([f"--screenshot={shot}", "--window-size=1300,1800", url], tmp_path, "shot")
