@@ -164,8 +164,8 @@ def _remove_stale_temporaries(outdir: Path) -> None:
     """Drop temporary files a killed run left behind (safe: we hold the folder lock)."""
     for folder in (outdir, outdir / RECORDS, outdir / QC):
         for tmp in folder.glob(".*"):
-            if tmp.name != _LOCK and tmp.is_file() and (tmp.name.startswith(".disp_") or ".json." in tmp.name
-                                                        or ".png." in tmp.name):
+            if tmp.name != _LOCK and tmp.is_file() and (tmp.name.startswith(".disp_") or any(
+                    f".{ext}." in tmp.name for ext in ("json", "png", "csv", "html"))):
                 tmp.unlink(missing_ok=True)
         for tmpdir in folder.glob(".dinoreg-*"):
             if tmpdir.is_dir():
@@ -287,7 +287,7 @@ def run_dataset(dataset_json: str | os.PathLike, split: str, config: RunConfig, 
         config: output folder, preset, overrides, labels, device, seed, QC.
         workers, executor, ray_address: see :func:`dinoreg.executors.run_jobs`.
         cache_dir, cache_bytes, cache_half: feature cache activated in every worker.
-        threads: torch threads per worker (0: torch's default).
+        threads: torch threads per worker (0: all cores in one worker, else cores / workers).
         progress: a progress bar over pairs.
 
     Returns:
@@ -304,6 +304,8 @@ def run_dataset(dataset_json: str | os.PathLike, split: str, config: RunConfig, 
     except OSError as exc:
         raise DinoregError(f"cannot create output directory ({exc.strerror})", out) from exc
     jobs = plan(dataset_json, split, config)
+    if threads <= 0 and workers > 1:  # no oversubscription: share the cores between the workers
+        threads = max(1, (os.cpu_count() or 1) // workers)
     with folder_lock(out):
         _remove_stale_temporaries(out)
         todo = [job for job in jobs if read_record(out, job.stem) is None]

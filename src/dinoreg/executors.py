@@ -98,11 +98,10 @@ def _run_ray(fn: Callable[[J], R], jobs: Sequence[J], workers: int, address: str
     ray = _import_ray()
     started_here = not ray.is_initialized()
     if started_here:
-        env = {k: os.environ[k] for k in ("PYTHONPATH", "OMP_NUM_THREADS") if k in os.environ}
-        kwargs: dict[str, Any] = dict(address=address, include_dashboard=False, log_to_driver=False,
-                                      runtime_env={"env_vars": env} if env else None)
-        if address is None:
-            kwargs["num_cpus"] = workers
+        kwargs: dict[str, Any] = dict(address=address, log_to_driver=False)
+        if address is None:  # a local Ray for this run: its workers see this environment's code
+            env = {k: os.environ[k] for k in ("PYTHONPATH", "OMP_NUM_THREADS") if k in os.environ}
+            kwargs.update(num_cpus=workers, include_dashboard=False, runtime_env={"env_vars": env} if env else None)
         try:
             ray.init(**kwargs)
         except ConnectionError as exc:

@@ -39,7 +39,7 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="local", choices=["local", "ray"],
                    help="local processes (default) or Ray tasks")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: all cores, shared between workers)")
     p.add_argument("--cache-dir", help="feature cache folder (encoder outputs reused across pairs and runs)")
     p.add_argument("--cache-size-gb", type=float, default=10.0, help="feature cache size limit (LRU), GB")
     p.add_argument("--cache-float16", action="store_true", help="store cached features as float16")
