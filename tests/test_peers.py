@@ -43,6 +43,7 @@ def test_pure_conversions_axis_order() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("method", ["convexadam", "elastix", "ants"])
 def test_peer_recovers_known_translation(method: str, shifted_pair) -> None:
     module = {"convexadam": "convexAdam", "elastix": "itk", "ants": "ants"}[method]
