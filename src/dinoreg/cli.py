@@ -104,6 +104,7 @@ def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ic", action="store_true", help="skip inverse consistency in the convex stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="file name of the field (default: Learn2Reg naming)")
+    p.add_argument("--qc", action="store_true", help="also write a quality-control PNG (qc_*.png)")
     _add_eval_inputs(p)
     _add_intensity(p)
     _add_common(p)
@@ -138,7 +139,7 @@ def _register(args: argparse.Namespace) -> int:
                       eval_labels=parse_label_list(args.labels), fixed_intensity=fixed_int,
                       moving_intensity=moving_int, mask_threshold=args.mask_threshold, device=args.device,
                       seed=args.seed, progress=not args.quiet, **overrides)
-    written = result.save(args.output, name=args.name)
+    written = result.save(args.output, name=args.name, qc=args.qc)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     print(f"time: {result.timings['total']:.1f} s (encode {result.timings['encode']:.1f} s, "

@@ -27,15 +27,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     # DINO-Reg with ViT-S/14 (paper: ViT-L, upsample 5.3, every 3rd slice): upsample 3.
     "dinoreg": dict(features="dinov2", arch=None, upsample=3.0, every=3, slice_axis="auto", batch_size=8,
                     pca_components=24, slice_match=True, grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2,
-                    iterations=40, lr=1.0, lambda_weight=0.5, similarity="ssd", final_smoothing=0),
+                    iterations=40, lr=1.0, lambda_weight=5.0, similarity="ssd", final_smoothing=0),
     # CPU-friendly DINO-Reg: coarser patch grid, every 6th slice encoded.
     "dinoreg-fast": dict(features="dinov2", arch=None, upsample=2.0, every=6, slice_axis="auto", batch_size=8,
                          pca_components=24, slice_match=True, grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2,
-                         iterations=40, lr=1.0, lambda_weight=0.5, similarity="ssd", final_smoothing=0),
+                         iterations=40, lr=1.0, lambda_weight=5.0, similarity="ssd", final_smoothing=0),
     # 3D DINO ViT (Kats & Heinrich): one 3D forward pass per image, joint PCA, ConvexAdam.
     "dino3d": dict(features="dino3d", weights=None, window=None, overlap=0.5, pca_components=24, grid_sp=6,
-                   disp_hw=4, ic=True, grid_sp_adam=2, iterations=40, lr=1.0, lambda_weight=0.5,
+                   disp_hw=4, ic=True, grid_sp_adam=2, iterations=40, lr=1.0, lambda_weight=5.0,
                    similarity="ssd", final_smoothing=0),
+    # MIND-SSC + DINOv2 ensemble: DINOv2's slice-match start and a quarter-weight DINOv2 block
+    # beside MIND's channels, then the MIND preset's optimiser (see the README's study table).
+    "dinoreg-ensemble": dict(features="mind+dinov2", ensemble="concat", ensemble_weights=[1.0, 0.25],
+                             mind_radius=1, mind_dilation=2, mind_downsample=1, arch=None, upsample=2.0,
+                             every=6, slice_axis="auto", batch_size=8, pca_components=24, slice_match=True,
+                             grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2, iterations=40, lr=1.0, param_factor=2,
+                             lambda_weight=1.25, similarity="ssd", final_smoothing=0),
     # B-spline FFD (Koegl, Reithmeir et al.): (1-alpha) NCC + alpha feature distance + diffusion.
     # alpha 0 is NCC alone; set features (litemedsam, dinov2, sam, medsam) and alpha > 0 to use
     # encoder features of the *warped* moving image in the loss. grid_spacing in mm.

@@ -12,7 +12,8 @@ from functools import lru_cache
 from dinoreg.features.dinov2_pair import mask_on_grid, unit_scale
 from dinoreg.features.pca import joint_pca
 from dinoreg.features.registry import EncodeRequest, PairFeatures, register_encoder
-from dinoreg.features.vit3d import Dino3DEncoder
+from dinoreg.cache import cached
+from dinoreg.features.vit3d import SHIPPED_WEIGHTS, Dino3DEncoder
 
 
 @lru_cache(maxsize=2)
@@ -32,7 +33,9 @@ def dino3d_pair(req: EncodeRequest) -> PairFeatures:
     feats = []
     with req.progress.stage("dino3d", total=len(images)) as step:
         for _, array in images:
-            feats.append(encoder.encode(array).to(req.device))
+            settings = dict(window=encoder.window, overlap=encoder.overlap, blend=encoder.blend)
+            feats.append(cached(array, "dino3d", settings, opts.get("weights") or SHIPPED_WEIGHTS,
+                                lambda a=array: encoder.encode(a), req.device).to(req.device).float())
             step(1)
     fixed, moving = feats[0], feats[-1]
     fmask = mask_on_grid(req.fixed_mask, tuple(fixed.shape[1:])).to(fixed.device)

@@ -51,6 +51,37 @@ def unit_scale(fixed: torch.Tensor, moving: torch.Tensor, fmask: torch.Tensor, m
     return float(1.0 / torch.sqrt(sq.mean().clamp_min(1e-12)))
 
 
+def encode_cached(array: np.ndarray, encoder: DINOv2, axis: int, opts: dict, device: torch.device,
+                  progress: bool) -> SliceFeatures:
+    """:func:`encode_volume`, through the active feature cache (``dinoreg.cache``) when there is
+    one: the volume and the per-slice (cls, foreground, index) table are stored under keys made
+    of the image content, the encoder settings and the weights file."""
+    from dinoreg.cache import cached
+
+    settings = dict(arch=encoder.name, axis=axis, upsample=float(opts.get("upsample", 3.0)),
+                    every=int(opts.get("every", 3)))
+    computed: list[SliceFeatures] = []
+
+    def compute() -> SliceFeatures:
+        if not computed:
+            computed.append(encode_volume(array, encoder, axis, upsample=settings["upsample"],
+                                          every=settings["every"], batch_size=int(opts.get("batch_size", 8)),
+                                          device=device, progress=progress))
+        return computed[0]
+
+    def table() -> torch.Tensor:
+        f = compute()
+        cls = f.cls if f.cls is not None else torch.zeros(len(f.slice_indices), 0)
+        return torch.cat([cls.float().cpu(), f.foreground.float().cpu()[:, None],
+                          f.slice_indices.float().cpu()[:, None]], 1)
+
+    weights = opts.get("weights")
+    features = cached(array, "dinov2/features", settings, weights, lambda: compute().features, device)
+    rows = cached(array, "dinov2/slices", settings, weights, table)
+    return SliceFeatures(features.to(device).float(), rows[:, :-2].to(device) if rows.shape[1] > 2 else None,
+                         rows[:, -1].long(), rows[:, -2], axis, tuple(array.shape), settings["every"])
+
+
 def encode_pair_slices(req: EncodeRequest, encoder: object) -> tuple[SliceFeatures, SliceFeatures]:
     """Slicewise features of both images with the request's options (encoded once when the
     request carries the same array twice, as ``dinoreg encode`` does)."""
@@ -60,9 +91,7 @@ def encode_pair_slices(req: EncodeRequest, encoder: object) -> tuple[SliceFeatur
     images = (("fixed", req.fixed),) if req.moving is req.fixed else (("fixed", req.fixed), ("moving", req.moving))
     for name, array in images:
         with req.progress.stage(f"DINOv2 {name}"):
-            out.append(encode_volume(array, encoder, axis, upsample=float(opts.get("upsample", 3.0)),  # type: ignore[arg-type]
-                                     every=int(opts.get("every", 3)), batch_size=int(opts.get("batch_size", 8)),
-                                     device=req.device, progress=req.progress.enabled))
+            out.append(encode_cached(array, encoder, axis, opts, req.device, req.progress.enabled))  # type: ignore[arg-type]
     return out[0], out[-1]
 
 
