@@ -1,5 +1,8 @@
 """``make bench``: dinoreg against the convexadam package on the inter-subject brain pair.
 
+Also encodes the 160x192x224 brain with DINOv2 ViT-S (dinoreg-fast, dinoreg, and 4 voxels per
+feature) and with the shipped dino3d 3D ViT (4^3 patches) for time and peak memory.
+
 Fixed ``learn2reg_tutorial2019_brain_t1/subject_1``, moving ``voxelmorph_brain_t1/test_scan``,
 Dice over the 30 labels of ``voxelmorph_brain_t1/labels.npz``, HD95 (voxels), SDlogJ (Learn2Reg
 definitions, ``dinoreg.metrics``). Each case runs in its own process (``cases.py``): wall time of
@@ -20,7 +23,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 PEER = "convexadam"
-DEFAULT_CASES = ["convexadam", "dinoreg-mind"]
+DEFAULT_CASES = ["convexadam", "dinoreg-mind", "dinoreg-fast", "dinoreg-ensemble", "dino3d",
+                 "encode-dinov2-fast", "encode-dinov2", "encode-dinov2-4vox", "encode-dino3d"]
 
 
 def run_case(name: str, shared: Path, out: Path, threads: int) -> dict:

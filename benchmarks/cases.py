@@ -53,6 +53,44 @@ def _dinoreg(preset: str, **overrides) -> Callable[[Path], np.ndarray]:
 
 CASES["dinoreg-mind"] = _dinoreg("mind")
 CASES["dinoreg-convexadam-settings"] = _dinoreg("convexadam")
+CASES["dinoreg-fast"] = _dinoreg("dinoreg-fast")
+CASES["dinoreg-ensemble"] = _dinoreg("dinoreg-ensemble")
+CASES["dino3d"] = _dinoreg("dino3d")
+
+
+def _encode_dinov2(upsample: float, every: int) -> Callable[[Path], None]:
+    """Slicewise ViT-S encoding of the 160x192x224 moving brain (axial = last axis)."""
+    def run(shared: Path) -> None:
+        import os
+
+        from dinoreg.features.dinov2 import load_dinov2
+        from dinoreg.features.slicewise import encode_volume
+        from dinoreg.io.images import load_image
+        from dinoreg.preprocess import normalise
+
+        os.environ.setdefault("DINOREG_WEIGHTS_DIR", str(shared / "weights"))
+        volume = normalise(load_image(shared / BRAIN_MOVING).array)
+        model = load_dinov2(None, None, progress=False)
+        feats = encode_volume(volume, model, 2, upsample=upsample, every=every)
+        print("dinov2 feature grid", tuple(feats.features.shape))
+    return run
+
+
+def _encode_dino3d(shared: Path) -> None:
+    """One sliding-window pass of the shipped 3D ViT over the 160x192x224 brain."""
+    from dinoreg.features.vit3d import Dino3DEncoder
+    from dinoreg.io.images import load_image
+    from dinoreg.preprocess import normalise
+
+    volume = normalise(load_image(shared / BRAIN_MOVING).array)
+    feats = Dino3DEncoder.from_file(None).encode(volume)
+    print("dino3d feature grid", tuple(feats.shape))
+
+
+CASES["encode-dinov2-fast"] = _encode_dinov2(2.0, 6)       # dinoreg-fast preset
+CASES["encode-dinov2"] = _encode_dinov2(3.0, 3)            # dinoreg preset
+CASES["encode-dinov2-4vox"] = _encode_dinov2(3.5, 4)       # 4 voxels per feature, as dino3d's 4^3 patches
+CASES["encode-dino3d"] = _encode_dino3d
 
 
 def main() -> None:

@@ -275,7 +275,8 @@ def _register_ffd(fix_norm: np.ndarray, mov_norm: np.ndarray, fmask: np.ndarray 
         lr=float(settings.get("lr", 0.1)), levels=tuple(settings.get("levels", (1,))),
         slice_axis=-1 if is_2d else slice_axis(settings.get("slice_axis", "auto"), fix_img.affine),
         slice_stride=int(settings.get("slice_stride", 1)),
-        feature_upsample=float(settings.get("feature_upsample", 1.0)), progress=reporter.enabled)
+        feature_upsample=float(settings.get("feature_upsample", 1.0)), balance=bool(settings.get("balance", True)),
+        progress=reporter.enabled)
     t2 = time.perf_counter()
     fixed_t = torch.from_numpy(fix_norm).to(dev)[None, None]
     moving_t = torch.from_numpy(mov_norm).to(dev)[None, None]

@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # encoder features of the *warped* moving image in the loss. grid_spacing in mm.
     "ffd": dict(method="ffd", features=None, alpha=0.0, feature_distance="cos", image_distance="ncc",
                 grid_spacing=8.0, reg_weight=0.1, iterations=100, lr=0.1, levels=(2, 1), slice_axis="auto",
-                slice_stride=1, feature_upsample=1.0),
+                slice_stride=1, feature_upsample=1.0, balance=True),
 }
 
 

@@ -106,6 +106,9 @@ class FFDRegistration:
         slice_axis: axis of the 3D volume along which the 2D encoder sees slices (0, 1, 2 or -1).
         slice_stride: encode every k-th slice per iteration (rotating offset), see module doc.
         slice_batch: slices per encoder call.
+        balance: rescale the feature term once, at the first iteration, so its gradient w.r.t. the
+            warped image has the norm of the image distance's; ``alpha`` is then the share of the
+            two (see :meth:`_balance`). ``False`` uses the raw feature distance.
         feature_upsample: scale factor applied to each slice before ``encoder.preprocess``
             (the paper upsamples so that the feature map is finer; LiteMedSAM/SAM resize to
             their fixed input size anyway).
@@ -120,7 +123,8 @@ class FFDRegistration:
                  grid_spacing: Spacing = 8.0, reg_weight: float = 0.1,
                  iterations: int | Sequence[int] = 200, lr: float = 0.1,
                  levels: Sequence[int] = (1,), slice_axis: int = -1, slice_stride: int = 1,
-                 slice_batch: int = 8, feature_upsample: float = 1.0, progress: bool = False) -> None:
+                 slice_batch: int = 8, feature_upsample: float = 1.0, balance: bool = True,
+                 progress: bool = False) -> None:
         if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
             raise DinoregError(f"--alpha must be in [0, 1], got {alpha!r}")
         if feature_distance not in FEATURE_DISTANCES:
@@ -145,6 +149,8 @@ class FFDRegistration:
         self.levels, self.iterations = levels, its
         self.slice_axis, self.slice_stride, self.slice_batch = slice_axis, int(slice_stride), int(slice_batch)
         self.feature_upsample, self.progress = float(feature_upsample), progress
+        self.balance = bool(balance)
+        self.feature_scale = 1.0
         self.control: torch.Tensor | None = None
         self.history: list[dict[str, float]] = []
         self._fixed_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -189,6 +195,21 @@ class FFDRegistration:
             return None
         m = F.interpolate(self._slices(mask.float(), index), size=tuple(size), mode="area")
         return m > 0.5
+
+    def _balance(self, image: torch.Tensor, warped: torch.Tensor, feature_grad: torch.Tensor) -> None:
+        """Fix ``feature_scale`` once so that, at the first iteration, the feature term's gradient
+        w.r.t. the warped image has the same norm as the image distance's. Then ``alpha`` is the
+        share of the two terms in that gradient, whatever the encoder's feature scale (raw DINOv2
+        or LiteMedSAM distances otherwise dominate NCC several times over at alpha 0.3)."""
+        if self.alpha >= 1.0:
+            self._balanced = True
+            return
+        image_grad = torch.autograd.grad(image, warped, retain_graph=True)[0]
+        num = float(image_grad.norm())
+        den = float(feature_grad.norm()) / self.alpha
+        if num > 0 and den > 0:
+            self.feature_scale = num / den
+        self._balanced = True
 
     def _feature_grad(self, level: int, fixed: torch.Tensor, warped: torch.Tensor,
                       mask: torch.Tensor | None, step: int) -> tuple[float, torch.Tensor]:
@@ -239,6 +260,7 @@ class FFDRegistration:
                                    device=fixed.device, dtype=fixed.dtype, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.control], lr=self.lr)
         self.history, self._fixed_cache = [], {}
+        self.feature_scale, self._balanced = 1.0, not self.balance
         for level, (factor, iters) in enumerate(zip(self.levels, self.iterations)):
             self._run_level(level, factor, iters, fixed, moving, mask, init)
         with torch.no_grad():
@@ -274,6 +296,9 @@ class FFDRegistration:
         feature = 0.0
         if self.alpha > 0:
             feature, grad = self._feature_grad(level, fixed, warped, mask, step)
+            if not self._balanced:
+                self._balance(image, warped, grad)
+            feature, grad = feature * self.feature_scale, grad * self.feature_scale
             torch.autograd.backward([rest, warped], [torch.ones_like(rest), grad])
         else:
             rest.backward()
