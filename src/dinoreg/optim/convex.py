@@ -73,8 +73,10 @@ def coupled_convex(cost: torch.Tensor, shape: tuple[int, int, int], disp_hw: int
         ``(1, 3, h, w, d)`` displacement in cells.
     """
     candidates = displacement_candidates(disp_hw, cost.device).to(cost.dtype)  # (3, L)
-    field = _smooth_choice(candidates, cost.argmin(1), shape)
     cand_sq = candidates.pow(2).sum(0, keepdim=True)  # (1, L)
+    # ties (flat background: every candidate costs the same) go to the smallest displacement
+    cost = cost + (1e-6 * float(cost.abs().mean()) + 1e-12) * cand_sq
+    field = _smooth_choice(candidates, cost.argmin(1), shape)
     for coeff in coupling:
         current = field.reshape(3, -1).t()  # (N, 3)
         # coeff * ||c - f||^2 = coeff * (|c|^2 - 2 c.f) + const(f): the constant leaves the argmin
