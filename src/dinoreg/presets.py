@@ -36,9 +36,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dino3d": dict(features="dino3d", weights=None, window=None, overlap=0.5, pca_components=24, grid_sp=6,
                    disp_hw=4, ic=True, grid_sp_adam=2, iterations=40, lr=1.0, lambda_weight=5.0,
                    similarity="ssd", final_smoothing=0),
-    # MIND-SSC + DINOv2 ensemble: DINOv2's slice-match start and a quarter-weight DINOv2 block
+    # MIND-SSC + DINOv2 ensemble: DINOv2's slice-match start and a small (0.05) DINOv2 block
     # beside MIND's channels, then the MIND preset's optimiser (see the README's study table).
-    "dinoreg-ensemble": dict(features="mind+dinov2", ensemble="concat", ensemble_weights=[1.0, 0.25],
+    "dinoreg-ensemble": dict(features="mind+dinov2", ensemble="concat", ensemble_weights=[1.0, 0.05],
                              mind_radius=1, mind_dilation=2, mind_downsample=1, arch=None, upsample=2.0,
                              every=6, slice_axis="auto", batch_size=8, pca_components=24, slice_match=True,
                              grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2, iterations=40, lr=1.0, param_factor=2,
