@@ -64,14 +64,16 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps_scale:
     shape = tuple(image.shape[2:])
     d = int(dilation)
     padded = F.pad(image, [d] * 6, mode="replicate")
-    channels = []
-    for a, b in ssc_pairs():
+    pairs = ssc_pairs()
+    dist = image.new_empty((image.shape[0], len(pairs), *shape))
+    for c, (a, b) in enumerate(pairs):
         va = _shifted(padded, tuple(d * x for x in a), d, shape)  # type: ignore[arg-type]
         vb = _shifted(padded, tuple(d * x for x in b), d, shape)  # type: ignore[arg-type]
-        channels.append((va - vb).pow(2))
-    dist = box_filter(torch.cat(channels, 1), radius)
-    dist = dist - dist.min(1, keepdim=True).values
+        torch.sub(va, vb, out=dist[:, c:c + 1]).pow_(2)
+    del padded
+    dist = box_filter(dist, radius)
+    dist -= dist.min(1, keepdim=True).values
     var = dist.mean(1, keepdim=True)
     mean_var = var.mean()
     var = var.clamp(mean_var * eps_scale, mean_var / eps_scale)
-    return torch.exp(-dist / var)
+    return dist.div_(var).neg_().exp_()

@@ -50,12 +50,8 @@ def features_on_cells(feat: torch.Tensor, image_shape: tuple[int, int, int], cel
     cells = tuple(p // cell for p in padded)
     feat_shape = tuple(feat.shape[2:])
     if feat_shape == tuple(image_shape):
-        pad = []
-        for s, p in zip(reversed(image_shape), reversed(padded)):
-            pad += [0, p - s]
-        if any(pad):
-            feat = F.pad(feat, pad, mode="replicate")
-        return F.avg_pool3d(feat, cell, stride=cell)
+        # partial cells at the far edges average the voxels they hold (no padded copy)
+        return F.avg_pool3d(feat, cell, stride=cell, ceil_mode=True)
     voxels_per_feature = [i / n for i, n in zip(image_shape, feat_shape)]
     factors = tuple(min(n, max(1, int(cell / v))) for n, v in zip(feat_shape, voxels_per_feature))
     if any(f > 1 for f in factors):
