@@ -93,6 +93,16 @@ def final_smooth(disp: torch.Tensor, kernel: int) -> torch.Tensor:
     return disp
 
 
+def pair_on_cells(feat_fix: torch.Tensor, feat_mov: torch.Tensor, image_shape: tuple[int, int, int], cell: int,
+                  init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature volumes on the cell grid, the moving one pre-warped by ``init`` (voxels)."""
+    fix = features_on_cells(feat_fix, image_shape, cell)
+    mov = features_on_cells(feat_mov, image_shape, cell)
+    if init is not None:
+        mov = warp(mov, field_to_cells(init, image_shape, cell))
+    return fix, mov
+
+
 def convex_adam(feat_fix: torch.Tensor, feat_mov: torch.Tensor, image_shape: tuple[int, int, int],
                 config: ConvexAdamConfig | None = None, init: torch.Tensor | None = None,
                 progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
@@ -112,10 +122,7 @@ def convex_adam(feat_fix: torch.Tensor, feat_mov: torch.Tensor, image_shape: tup
     notify = progress or (lambda stage, step, total: None)
     g = cfg.convex.grid_sp
     with torch.no_grad():
-        fix_c = features_on_cells(feat_fix, image_shape, g)
-        mov_c = features_on_cells(feat_mov, image_shape, g)
-        if init is not None:
-            mov_c = warp(mov_c, field_to_cells(init, image_shape, g))
+        fix_c, mov_c = pair_on_cells(feat_fix, feat_mov, image_shape, g, init)
         notify("convex", 0, 1)
         coarse = convex_optimise(fix_c, mov_c, cfg.convex)
         notify("convex", 1, 1)
@@ -124,10 +131,7 @@ def convex_adam(feat_fix: torch.Tensor, feat_mov: torch.Tensor, image_shape: tup
     if cfg.instance.iterations > 0:
         ga = cfg.instance.grid_sp
         with torch.no_grad():
-            fix_a = features_on_cells(feat_fix, image_shape, ga)
-            mov_a = features_on_cells(feat_mov, image_shape, ga)
-            if init is not None:
-                mov_a = warp(mov_a, field_to_cells(init, image_shape, ga))
+            fix_a, mov_a = pair_on_cells(feat_fix, feat_mov, image_shape, ga, init)
             start = field_to_cells(disp, image_shape, ga)
         total = cfg.instance.iterations
         refined = InstanceOptimiser(cfg.instance).optimise(

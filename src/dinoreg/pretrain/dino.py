@@ -57,8 +57,9 @@ class ProjectionHead(nn.Module):
         return F.linear(x, F.normalize(self.last.weight, dim=1))
 
 
-class DinoLoss(nn.Module):
-    """Cross-view DINO loss on class-token logits with teacher centring (EMA ``center_momentum``)."""
+class CentredLoss(nn.Module):
+    """Shared state of the teacher-centred losses: student temperature and the EMA centre of
+    the teacher logits (``center_momentum``), updated after every call."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__()
@@ -66,6 +67,16 @@ class DinoLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.last_stats: dict[str, float] = {}
+
+    @torch.no_grad()
+    def update_center(self, teacher: torch.Tensor) -> None:
+        mean = teacher.float().mean(dim=0, keepdim=True)
+        self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
+
+
+class DinoLoss(CentredLoss):
+    """Cross-view DINO loss on class-token logits with teacher centring (EMA ``center_momentum``)."""
+
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, n_global: int,
                 teacher_temp: float) -> torch.Tensor:
@@ -87,21 +98,11 @@ class DinoLoss(nn.Module):
         self.update_center(teacher)
         return total / max(count, 1)
 
-    @torch.no_grad()
-    def update_center(self, teacher: torch.Tensor) -> None:
-        mean = teacher.float().mean(dim=0, keepdim=True)
-        self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
 
 
-class PatchLoss(nn.Module):
+class PatchLoss(CentredLoss):
     """iBOT masked-patch loss with its own EMA centre, evaluated at masked tokens only."""
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.last_stats: dict[str, float] = {}
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, image_index: torch.Tensor,
                 n_images: int, teacher_temp: float) -> torch.Tensor:
@@ -127,10 +128,6 @@ class PatchLoss(nn.Module):
         self.update_center(teacher)
         return (sums[has] / counts[has]).mean()
 
-    @torch.no_grad()
-    def update_center(self, teacher: torch.Tensor) -> None:
-        mean = teacher.float().mean(dim=0, keepdim=True)
-        self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
 
 
 def block_mask(grid: tuple[int, int, int], ratio: float, gen: torch.Generator,
