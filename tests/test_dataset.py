@@ -88,7 +88,9 @@ def test_dataset_killed_and_resumed(dev_dataset: Path, tmp_path: Path) -> None:
     events = read_run_log(out)
     done = Counter(e["pair"] for e in events if e["event"] == "done")
     starts = Counter(e["pair"] for e in events if e["event"] == "start")
-    assert len(done) == 5 and set(done.values()) == {1}  # every pair scored exactly once
+    records = {p.stem for p in (out / RECORDS).glob("*.json")}
+    assert len(records) == 5 and set(done.values()) == {1}  # every pair scored, none twice
+    assert set(done) | done_before == records  # (a pair killed after its record may lack its log line)
     assert sum(n == 2 for n in starts.values()) <= 1 and max(starts.values()) <= 2  # only the one in flight redone
     assert not any(starts[p] > 1 for p in done_before)
 
