@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          pca_components=24, slice_match=True, grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2,
                          iterations=40, lr=1.0, lambda_weight=5.0, similarity="ssd", final_smoothing=0),
     # 3D DINO ViT (Kats & Heinrich): one 3D forward pass per image, joint PCA, ConvexAdam.
-    "dino3d": dict(features="dino3d", weights=None, window=None, overlap=0.5, pca_components=24, grid_sp=6,
+    "dino3d": dict(features="dino3d", weights=None, window=None, overlap=0.25, pca_components=24, grid_sp=6,
                    disp_hw=4, ic=True, grid_sp_adam=2, iterations=40, lr=1.0, lambda_weight=5.0,
                    similarity="ssd", final_smoothing=0),
     # MIND-SSC + DINOv2 ensemble: DINOv2's slice-match start and a small (0.05) DINOv2 block
