@@ -61,14 +61,11 @@ CASES["dino3d"] = _dinoreg("dino3d")
 def _encode_dinov2(upsample: float, every: int) -> Callable[[Path], None]:
     """Slicewise ViT-S encoding of the 160x192x224 moving brain (axial = last axis)."""
     def run(shared: Path) -> None:
-        import os
-
         from dinoreg.features.dinov2 import load_dinov2
         from dinoreg.features.slicewise import encode_volume
         from dinoreg.io.images import load_image
         from dinoreg.preprocess import normalise
 
-        os.environ.setdefault("DINOREG_WEIGHTS_DIR", str(shared / "weights"))
         volume = normalise(load_image(shared / BRAIN_MOVING).array)
         model = load_dinov2(None, None, progress=False)
         feats = encode_volume(volume, model, 2, upsample=upsample, every=every)
@@ -101,6 +98,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    import os
+
+    os.environ.setdefault("DINOREG_WEIGHTS_DIR", str(args.shared.resolve() / "weights"))  # real weights, no download
     start = time.perf_counter()
     disp = CASES[args.case](args.shared.resolve())
     seconds = time.perf_counter() - start
