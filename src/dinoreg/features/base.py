@@ -18,6 +18,9 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
+
+from dinoreg.errors import DinoregError
 
 
 @runtime_checkable
@@ -35,3 +38,14 @@ class Encoder2D(Protocol):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Network input -> ``(patch features (B, C, h, w), global token (B, C) or None)``."""
         ...
+
+
+def square_rgb(grey: torch.Tensor, size: int, name: str) -> torch.Tensor:
+    """Grey slices ``(B, 1, H, W)`` resized to ``size x size`` (bilinear, anti-aliased when
+    shrinking) and repeated to 3 channels: the input of the SAM-family encoders."""
+    if grey.ndim != 4 or grey.shape[1] != 1:
+        raise DinoregError(f"{name} expects grey slices (B, 1, H, W), got {tuple(grey.shape)}")
+    if tuple(grey.shape[2:]) != (size, size):
+        shrink = grey.shape[2] > size or grey.shape[3] > size
+        grey = F.interpolate(grey, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    return grey.expand(-1, 3, -1, -1)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinoreg.errors import DinoregError, WeightsNotFoundError
+from dinoreg.features.base import square_rgb
 from dinoreg.features.checkpoint import load_strict, read_checkpoint
 from dinoreg.features.tinyvit import sam_neck
 
@@ -220,13 +221,7 @@ class SAMEncoder(nn.Module):
 
     def preprocess(self, grey: torch.Tensor) -> torch.Tensor:
         """Resize to ``S x S``, 3 channels, SAM's pixel normalisation (``sam``) or none (``medsam``)."""
-        if grey.ndim != 4 or grey.shape[1] != 1:
-            raise DinoregError(f"{self.name} expects grey slices (B, 1, H, W), got {tuple(grey.shape)}")
-        size = (self.input_size, self.input_size)
-        if tuple(grey.shape[2:]) != size:
-            shrink = grey.shape[2] > size[0] or grey.shape[3] > size[1]
-            grey = F.interpolate(grey, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-        x = grey.expand(-1, 3, -1, -1)
+        x = square_rgb(grey, self.input_size, self.name)
         if self.name == "medsam":
             return x
         mean = torch.tensor(PIXEL_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

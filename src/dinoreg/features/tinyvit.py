@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinoreg.errors import DinoregError, WeightsNotFoundError
+from dinoreg.features.base import square_rgb
 from dinoreg.features.checkpoint import load_strict, read_checkpoint
 
 WEIGHTS_FILE = "lite_medsam.pth"
@@ -264,13 +265,7 @@ class LiteMedSAMEncoder(nn.Module):
     def preprocess(self, grey: torch.Tensor) -> torch.Tensor:
         """Resize to ``input_size`` square (bilinear; anti-aliased when shrinking), repeat to
         3 channels. Values stay in ``[0, 1]`` (LiteMedSAM uses no mean/std normalisation)."""
-        if grey.ndim != 4 or grey.shape[1] != 1:
-            raise DinoregError(f"litemedsam expects grey slices (B, 1, H, W), got {tuple(grey.shape)}")
-        size = (self.input_size, self.input_size)
-        if tuple(grey.shape[2:]) != size:
-            shrink = grey.shape[2] > size[0] or grey.shape[3] > size[1]
-            grey = F.interpolate(grey, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-        return grey.expand(-1, 3, -1, -1)
+        return square_rgb(grey, self.input_size, "litemedsam")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         """``(B, 3, S, S)`` -> ``((B, 256, S/4, S/4), None)``."""
