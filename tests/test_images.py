@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -98,8 +100,11 @@ def test_bad_images_give_one_line_errors(tmp_path, make, message):
 def test_save_is_atomic_and_reports_missing_directory(tmp_path):
     with pytest.raises(DinoregError, match="output directory does not exist"):
         save_image(np.zeros((2, 2, 2)), np.eye(4), tmp_path / "nope" / "x.nii.gz")
-    save_image(np.zeros((2, 2, 2)), np.eye(4), tmp_path / "x.nii.gz")
+    out = save_image(np.zeros((2, 2, 2)), np.eye(4), tmp_path / "x.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.nii.gz"]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_as_image_accepts_arrays_and_library_images():

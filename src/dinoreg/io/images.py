@@ -222,6 +222,9 @@ def atomic_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix="".join(p.suffixes) or ".tmp", dir=p.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the renamed output gets the usual mode
     return Path(tmp)
 
 
