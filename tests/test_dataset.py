@@ -77,7 +77,7 @@ def test_dataset_killed_and_resumed(dev_dataset: Path, tmp_path: Path) -> None:
     first.wait()
     # a pair is finished when its record exists (the run log's "done" line follows the record,
     # so a kill can fall between the two): count finished pairs from the records
-    done_before = {p.stem for p in (out / RECORDS).glob("*.json")}
+    done_before = {p.stem for p in (out / RECORDS).glob("*.json") if not p.name.startswith(".")}  # not temporaries
     assert 1 <= len(done_before) < 5
 
     second = _cli(args)
@@ -88,7 +88,7 @@ def test_dataset_killed_and_resumed(dev_dataset: Path, tmp_path: Path) -> None:
     events = read_run_log(out)
     done = Counter(e["pair"] for e in events if e["event"] == "done")
     starts = Counter(e["pair"] for e in events if e["event"] == "start")
-    records = {p.stem for p in (out / RECORDS).glob("*.json")}
+    records = {p.stem for p in (out / RECORDS).glob("*.json") if not p.name.startswith(".")}
     assert len(records) == 5 and set(done.values()) == {1}  # every pair scored, none twice
     assert set(done) | done_before == records  # (a pair killed after its record may lack its log line)
     assert sum(n == 2 for n in starts.values()) <= 1 and max(starts.values()) <= 2  # only the one in flight redone
