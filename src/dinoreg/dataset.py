@@ -366,7 +366,7 @@ def write_tables(outdir: str | os.PathLike, stems: Sequence[str] | None = None, 
 
     out = Path(outdir)
     if stems is None:
-        stems = sorted((p.stem for p in (out / RECORDS).glob("*.json")),
+        stems = sorted((p.stem for p in (out / RECORDS).glob("*.json") if not p.name.startswith(".")),
                        key=lambda s: (json.loads((out / RECORDS / f"{s}.json").read_text()).get("index", 0), s))
     records = [r for r in (read_record(out, s) for s in stems) if r is not None]
     flats = [scalar_metrics(r["metrics"]) for r in records]
