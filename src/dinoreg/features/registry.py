@@ -97,8 +97,9 @@ def mind_pair(req: EncodeRequest) -> PairFeatures:
     dilation = int(req.options.get("mind_dilation", 2))
     down = int(req.options.get("mind_downsample", 1))
     out = []
-    with torch.no_grad(), req.progress.stage("MIND-SSC", total=2) as step:
-        for array in (req.fixed, req.moving):
+    images = (req.fixed,) if req.moving is req.fixed else (req.fixed, req.moving)  # encode: one image
+    with torch.no_grad(), req.progress.stage("MIND-SSC", total=len(images)) as step:
+        for array in images:
             image = _to_tensor(array, req.device)
             if down > 1 and min(image.shape[2:]) >= 2 * down:
                 image = F.avg_pool3d(image, down, stride=down, ceil_mode=True)
@@ -106,4 +107,4 @@ def mind_pair(req: EncodeRequest) -> PairFeatures:
             else:
                 out.append(mind_ssc(image, radius, dilation))
             step(1)
-    return PairFeatures(out[0], out[1])
+    return PairFeatures(out[0], out[-1])
