@@ -6,7 +6,8 @@ Keys:
         ``[-disp_hw, disp_hw]`` cells per axis, coupling weights, inverse consistency).
     grid_sp_adam, iterations, lr, lambda_weight, similarity: the Adam stage.
     final_smoothing: odd mean-filter size applied three times to the final field (0 = off).
-    Encoder options (``mind_radius``, ``mind_dilation``, ``mind_downsample``, ...) are passed on.
+    Encoder options (``mind_radius``, ``mind_dilation``, ``mind_downsample``, ``mind_pool``, ...)
+    are passed on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dinoreg.errors import DinoregError
 
 PRESETS: dict[str, dict[str, Any]] = {
     # MIND-SSC + ConvexAdam tuned for 2 CPU cores (see the README's benchmark table).
-    "mind": dict(features="mind", mind_radius=1, mind_dilation=2, mind_downsample=1,
+    "mind": dict(features="mind", mind_radius=1, mind_dilation=2, mind_downsample=1, mind_pool=2,
                  grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2, iterations=40, lr=1.0, param_factor=2,
                  lambda_weight=1.25, similarity="ssd", final_smoothing=0),
     # The reference ConvexAdam settings (convexadam 0.2.0 defaults), slower.
@@ -39,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # MIND-SSC + DINOv2 ensemble: DINOv2's slice-match start and a small (0.05) DINOv2 block
     # beside MIND's channels, then the MIND preset's optimiser (see the README's study table).
     "dinoreg-ensemble": dict(features="mind+dinov2", ensemble="concat", ensemble_weights=[1.0, 0.05],
-                             mind_radius=1, mind_dilation=2, mind_downsample=1, arch=None, upsample=2.0,
+                             mind_radius=1, mind_dilation=2, mind_downsample=1, mind_pool=2, arch=None, upsample=2.0,
                              every=6, slice_axis="auto", batch_size=8, pca_components=24, slice_match=True,
                              grid_sp=6, disp_hw=4, ic=True, grid_sp_adam=2, iterations=40, lr=1.0, param_factor=2,
                              lambda_weight=1.25, similarity="ssd", final_smoothing=0),

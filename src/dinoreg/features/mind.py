@@ -6,16 +6,21 @@ patch distances ``D_c(x) = box_r((I(x + a_c) - I(x + b_c))^2)`` (``box_r`` a cub
 side ``2 * radius + 1``). The descriptor is ``exp(-(D_c - min_c D_c) / V(x))`` with ``V`` the mean
 over channels of ``D_c - min_c D_c``, clamped to ``[0.001, 1000] x`` its volume mean.
 
-Everything is done with shifted slices and one pooling pass (no convolutions), so it runs
-in about a second on a 160x192x224 volume on 2 CPU cores.
+On CPU (float32, numba present) fused kernels compute the same descriptor block of planes by
+block of planes, pooling as they go, so the full-resolution 12-channel volume is never held
+(``pool=2`` returns 1/8 of it). Elsewhere (GPU) shifted slices and one pooling pass do it in
+torch.
 """
 
 from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dinoreg.jit import fused_cpu, helper, kernel, prange, use_torch_threads
 
 _FACES = [(-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)]
 
@@ -46,8 +51,9 @@ def _shifted(padded: torch.Tensor, offset: tuple[int, int, int], pad: int,
     return padded[:, :, sl[0], sl[1], sl[2]]
 
 
-def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps_scale: float = 1e-3) -> torch.Tensor:
-    """MIND-SSC descriptor of a volume.
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps_scale: float = 1e-3,
+             pool: int = 1) -> torch.Tensor:
+    """MIND-SSC descriptor of a volume, optionally average-pooled.
 
     Args:
         image: ``(N, 1, I, J, K)`` float tensor (any intensity scale; the descriptor is
@@ -55,12 +61,22 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps_scale:
         radius: half side of the patch box filter, voxels.
         dilation: distance of the six neighbours from the centre, voxels.
         eps_scale: lower clamp of the local variance relative to its volume mean.
+        pool: average the descriptor over cells of ``pool`` voxels tiling the grid from voxel
+            0 (cells cut by the far edges average the voxels they hold). 1 keeps the image grid.
 
     Returns:
-        ``(N, 12, I, J, K)`` descriptor in ``(0, 1]``, on the image grid.
+        ``(N, 12, ceil(I / pool), ceil(J / pool), ceil(K / pool))`` descriptor in ``(0, 1]``.
     """
     if image.ndim != 5 or image.shape[1] != 1:
         raise ValueError(f"mind_ssc expects (N, 1, I, J, K), got {tuple(image.shape)}")
+    if fused_cpu(image):
+        parts = [_mind_ssc_fused(volume[0].numpy(), radius, dilation, eps_scale, pool) for volume in image]
+        return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+    out = _mind_ssc_torch(image, radius, dilation, eps_scale)
+    return out if pool <= 1 else F.avg_pool3d(out, pool, stride=pool, ceil_mode=True)
+
+
+def _mind_ssc_torch(image: torch.Tensor, radius: int, dilation: int, eps_scale: float) -> torch.Tensor:
     shape = tuple(image.shape[2:])
     d = int(dilation)
     padded = F.pad(image, [d] * 6, mode="replicate")
@@ -77,3 +93,173 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps_scale:
     mean_var = var.mean()
     var = var.clamp(mean_var * eps_scale, mean_var / eps_scale)
     return dist.div_(var).neg_().exp_()
+
+
+def _pair_offsets(dilation: int) -> tuple[np.ndarray, np.ndarray]:
+    """The SSC pairs as two ``(12, 3)`` int64 arrays of voxel offsets."""
+    pairs = ssc_pairs()
+    first = np.array([a for a, _ in pairs], np.int64) * dilation
+    second = np.array([b for _, b in pairs], np.int64) * dilation
+    return first, second
+
+
+def _mind_ssc_fused(volume: np.ndarray, radius: int, dilation: int, eps_scale: float, pool: int) -> torch.Tensor:
+    """:func:`mind_ssc` of one ``(I, J, K)`` volume by the numba kernels -> ``(12, I', J', K')``.
+
+    Two passes over the volume, block of planes by block of planes, so the full-resolution
+    12-channel descriptor is never held: the first stores each voxel's variance ``V`` (its
+    volume mean sets the clamp), the second recomputes the distances, normalises them and
+    average-pools them by ``pool``.
+    """
+    use_torch_threads()
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    first, second = _pair_offsets(int(dilation))
+    radius, pool = max(int(radius), 0), max(int(pool), 1)
+    variance = np.empty(volume.shape, np.float32)
+    _mind_variance(volume, first, second, radius, variance)
+    mean_var = float(variance.mean(dtype=np.float64))
+    out = np.zeros((len(first), *(-(-n // pool) for n in volume.shape)), np.float32)
+    _mind_pooled(volume, first, second, radius, variance, np.float32(mean_var * eps_scale),
+                 np.float32(mean_var / eps_scale), pool, out)
+    return torch.from_numpy(out)
+
+
+@helper
+def _plane_distances(volume: np.ndarray, first: np.ndarray, second: np.ndarray, radius: int, x: int,
+                     out: np.ndarray) -> None:
+    """``out[c]`` = the ``(j, k)``-box-filtered ``(V(y + first[c]) - V(y + second[c]))^2`` on plane ``x``.
+
+    All indices clamp to the volume (replicated borders); ``out`` is ``(12, J, K)``.
+    """
+    h, w, d = volume.shape
+    width = 2 * radius + 1
+    scale = np.float32(1.0 / (width * width))
+    sq = np.empty(d + 2 * radius, np.float32)
+    rows = np.empty((w, d), np.float32)
+    for c in range(first.shape[0]):
+        ia = min(max(x + first[c, 0], 0), h - 1)
+        ib = min(max(x + second[c, 0], 0), h - 1)
+        fa, fb = first[c, 2], second[c, 2]
+        lo, hi = max(0, -fa, -fb), min(d, d - fa, d - fb)  # k needing no clamping
+        for j in range(w):
+            va = volume[ia, min(max(j + first[c, 1], 0), w - 1)]
+            vb = volume[ib, min(max(j + second[c, 1], 0), w - 1)]
+            for k in range(lo, hi):
+                diff = va[k + fa] - vb[k + fb]
+                sq[k + radius] = diff * diff
+            for k in range(0, lo):
+                diff = va[min(max(k + fa, 0), d - 1)] - vb[min(max(k + fb, 0), d - 1)]
+                sq[k + radius] = diff * diff
+            for k in range(hi, d):
+                diff = va[min(max(k + fa, 0), d - 1)] - vb[min(max(k + fb, 0), d - 1)]
+                sq[k + radius] = diff * diff
+            for t in range(radius):  # replicated ends for the k-box
+                sq[t] = sq[radius]
+                sq[d + radius + t] = sq[d + radius - 1]
+            row = rows[j]
+            row[:] = sq[:d]
+            for t in range(1, width):  # direct sums: a running sum's drift is amplified by 1 / V
+                for k in range(d):
+                    row[k] += sq[k + t]
+        target = out[c]
+        for j in range(w):
+            acc = target[j]
+            acc[:] = 0.0
+            for t in range(-radius, radius + 1):
+                source = rows[min(max(j + t, 0), w - 1)]
+                for k in range(d):
+                    acc[k] += source[k]
+            for k in range(d):
+                acc[k] *= scale
+
+
+@helper
+def _block_distances(volume: np.ndarray, first: np.ndarray, second: np.ndarray, radius: int, start: int,
+                     stop: int, planes: np.ndarray, dist: np.ndarray, variance: np.ndarray) -> None:
+    """Box-filtered, min-subtracted distances of planes ``start..stop-1`` into ``dist`` ``(n, 12, J, K)``
+    and their channel means into ``variance`` ``(n, J, K)``. ``planes`` is scratch for the
+    ``stop - start + 2 radius`` plane distances the ``i``-box needs."""
+    h = volume.shape[0]
+    channels, w, d = dist.shape[1], dist.shape[2], dist.shape[3]
+    for p in range(stop - start + 2 * radius):
+        _plane_distances(volume, first, second, radius, min(max(start - radius + p, 0), h - 1), planes[p])
+    scale = np.float32(1.0 / (2 * radius + 1))
+    low = np.empty(d, np.float32)
+    for n in range(stop - start):
+        for c in range(channels):
+            for j in range(w):
+                row = dist[n, c, j]
+                row[:] = 0.0
+                for t in range(2 * radius + 1):
+                    source = planes[n + t, c, j]
+                    for k in range(d):
+                        row[k] += source[k]
+                for k in range(d):
+                    row[k] *= scale
+        for j in range(w):
+            low[:] = dist[n, 0, j]
+            for c in range(1, channels):
+                row = dist[n, c, j]
+                for k in range(d):
+                    low[k] = min(low[k], row[k])
+            total = variance[n, j]
+            total[:] = 0.0
+            for c in range(channels):
+                row = dist[n, c, j]
+                for k in range(d):
+                    row[k] -= low[k]
+                    total[k] += row[k]
+            for k in range(d):
+                total[k] *= np.float32(1.0 / channels)
+
+
+_BLOCK = 8  # planes per block: the i-box recomputes 2 * radius planes per block
+
+
+@kernel
+def _mind_variance(volume: np.ndarray, first: np.ndarray, second: np.ndarray, radius: int,
+                   variance: np.ndarray) -> None:
+    """Pass 1: ``variance[x]`` = channel mean of the min-subtracted distances (MIND's ``V``)."""
+    h, w, d = volume.shape
+    channels = first.shape[0]
+    for b in prange(-(-h // _BLOCK)):
+        start, stop = b * _BLOCK, min((b + 1) * _BLOCK, h)
+        planes = np.empty((stop - start + 2 * radius, channels, w, d), np.float32)
+        dist = np.empty((stop - start, channels, w, d), np.float32)
+        _block_distances(volume, first, second, radius, start, stop, planes, dist, variance[start:stop])
+
+
+@kernel
+def _mind_pooled(volume: np.ndarray, first: np.ndarray, second: np.ndarray, radius: int, variance: np.ndarray,
+                 low: np.float32, high: np.float32, pool: int, out: np.ndarray) -> None:
+    """Pass 2: ``exp(-dist / clamp(V, low, high))`` averaged over cells of ``pool`` voxels into ``out``
+    (cells cut by the far edges average the voxels they hold)."""
+    h, w, d = volume.shape
+    channels = first.shape[0]
+    per_block = max(1, _BLOCK // pool)  # cells (of pool planes each) per block
+    for blk in prange(-(-out.shape[1] // per_block)):
+        first_cell, last_cell = blk * per_block, min((blk + 1) * per_block, out.shape[1])
+        start, stop = first_cell * pool, min(last_cell * pool, h)
+        planes = np.empty((stop - start + 2 * radius, channels, w, d), np.float32)
+        dist = np.empty((stop - start, channels, w, d), np.float32)
+        var = np.empty((stop - start, w, d), np.float32)
+        _block_distances(volume, first, second, radius, start, stop, planes, dist, var)
+        inv = np.empty(d, np.float32)
+        for n in range(stop - start):
+            for j in range(w):
+                stored = variance[start + n, j]
+                for k in range(d):
+                    inv[k] = np.float32(-1.0) / min(max(stored[k], low), high)
+                for c in range(channels):
+                    row = dist[n, c, j]
+                    target = out[c, (start + n) // pool, j // pool]
+                    for k in range(d):
+                        target[k // pool] += np.exp(row[k] * inv[k])
+        for ic in range(first_cell, last_cell):
+            count_i = min(pool, h - ic * pool)
+            for c in range(channels):
+                for jc in range(out.shape[2]):
+                    count_ij = count_i * min(pool, w - jc * pool)
+                    target = out[c, ic, jc]
+                    for kc in range(out.shape[3]):
+                        target[kc] /= count_ij * min(pool, d - kc * pool)

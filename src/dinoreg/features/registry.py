@@ -9,6 +9,8 @@ Encoders that need a joint step (PCA of fixed + moving features) do it here.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -92,10 +94,15 @@ def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 def mind_pair(req: EncodeRequest) -> PairFeatures:
     """MIND-SSC of both images. Options: ``mind_radius`` (1), ``mind_dilation`` (2) in voxels of
     the image grid, ``mind_downsample`` (1 = image grid; 2 = computed on the 2x average-pooled
-    image with the dilation halved, 8x cheaper)."""
+    image with the dilation halved, 8x cheaper), ``mind_pool`` (1; p = the full-resolution
+    descriptor averaged over cells of p voxels, exactly what ConvexAdam's cell grids of a
+    multiple of p voxels would compute from it, 1/p^3 of the memory)."""
     radius = int(req.options.get("mind_radius", 1))
     dilation = int(req.options.get("mind_dilation", 2))
     down = int(req.options.get("mind_downsample", 1))
+    # pooling must not cross the cells of either ConvexAdam stage
+    pool = math.gcd(int(req.options.get("mind_pool", 1)), int(req.options.get("grid_sp", 1)),
+                    int(req.options.get("grid_sp_adam", 1)))
     out = []
     images = (req.fixed,) if req.moving is req.fixed else (req.fixed, req.moving)  # encode: one image
     with torch.no_grad(), req.progress.stage("MIND-SSC", total=len(images)) as step:
@@ -105,6 +112,6 @@ def mind_pair(req: EncodeRequest) -> PairFeatures:
                 image = F.avg_pool3d(image, down, stride=down, ceil_mode=True)
                 out.append(mind_ssc(image, radius, max(1, dilation // down)))
             else:
-                out.append(mind_ssc(image, radius, dilation))
+                out.append(mind_ssc(image, radius, dilation, pool=pool))
             step(1)
     return PairFeatures(out[0], out[-1])

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dinoreg.jit import fused_cpu
+from dinoreg.optim import cpu_kernels
 from dinoreg.spatial.grid import warp
 
 DEFAULT_COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -34,12 +36,21 @@ def ssd_cost_volume(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp_hw: int
     """Box-filtered SSD between each fixed cell and the moving cell displaced by each candidate.
 
     Moving cells outside the volume read zeros (as in the reference implementation). The raw
-    SSD (summed over channels) is smoothed twice by a 3x3x3 mean filter.
+    SSD (summed over channels) is smoothed twice by a 3x3x3 mean filter (zero padded).
+    On CPU a fused numba kernel computes the same values.
 
     Returns:
         ``(h * w * d, L)`` cost matrix: one row per cell (C order), one column per candidate
         of :func:`displacement_candidates`.
     """
+    if fused_cpu(feat_fix):
+        cost = cpu_kernels.ssd_cost_volume(cpu_kernels.channels_last(feat_fix),
+                                           cpu_kernels.channels_last(feat_mov), disp_hw)
+        return torch.from_numpy(cost)
+    return _ssd_cost_volume_torch(feat_fix, feat_mov, disp_hw)
+
+
+def _ssd_cost_volume_torch(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp_hw: int) -> torch.Tensor:
     _, _, h, w, d = feat_fix.shape
     n = 2 * disp_hw + 1
     padded = F.pad(feat_mov, [disp_hw] * 6)[0]
@@ -73,16 +84,29 @@ def coupled_convex(cost: torch.Tensor, shape: tuple[int, int, int], disp_hw: int
         ``(1, 3, h, w, d)`` displacement in cells.
     """
     candidates = displacement_candidates(disp_hw, cost.device).to(cost.dtype)  # (3, L)
-    cand_sq = candidates.pow(2).sum(0, keepdim=True)  # (1, L)
+    cand_sq = candidates.pow(2).sum(0)  # (L,)
     # ties (flat background: every candidate costs the same) go to the smallest displacement
-    cost = cost + (1e-6 * float(cost.abs().mean()) + 1e-12) * cand_sq
-    field = _smooth_choice(candidates, cost.argmin(1), shape)
-    for coeff in coupling:
-        current = field.reshape(3, -1).t()  # (N, 3)
+    tie_break = 1e-6 * float(cost.abs().mean()) + 1e-12
+    field = torch.zeros(1, 3, *shape, dtype=cost.dtype, device=cost.device)
+    for coeff in (0.0, *coupling):
         # coeff * ||c - f||^2 = coeff * (|c|^2 - 2 c.f) + const(f): the constant leaves the argmin
-        coupled = torch.addmm(cost + coeff * cand_sq, current, candidates, alpha=-2.0 * coeff)
-        field = _smooth_choice(candidates, coupled.argmin(1), shape)
+        choice = _coupled_argmin(cost, field.reshape(3, -1).t(), candidates, (tie_break + coeff) * cand_sq, coeff)
+        field = _smooth_choice(candidates, choice, shape)
     return field
+
+
+def _coupled_argmin(cost: torch.Tensor, field: torch.Tensor, candidates: torch.Tensor, penalty: torch.Tensor,
+                    coeff: float) -> torch.Tensor:
+    """Per cell the candidate minimising ``cost + penalty - 2 coeff * candidate . field``.
+
+    ``cost`` ``(N, L)``, ``field`` ``(N, 3)`` cells, ``candidates`` ``(3, L)``, ``penalty`` ``(L,)``.
+    """
+    if fused_cpu(cost):
+        choice = cpu_kernels.coupled_argmin(cost.numpy(), field.contiguous().numpy(),
+                                            candidates.t().contiguous().numpy(), penalty.contiguous().numpy(),
+                                            float(coeff))
+        return torch.from_numpy(choice)
+    return torch.addmm(cost + penalty, field, candidates, alpha=-2.0 * coeff).argmin(1)
 
 
 def inverse_consistency(forward: torch.Tensor, backward: torch.Tensor, iterations: int = 15

@@ -37,21 +37,34 @@ def padded_shape(shape: tuple[int, ...], cell: int) -> tuple[int, ...]:
     return tuple(int(math.ceil(s / cell)) * cell for s in shape)
 
 
+def pooling_factor(feat_shape: tuple[int, ...], image_shape: tuple[int, ...]) -> int | None:
+    """The ``p`` with ``feat_shape == ceil(image_shape / p)`` on every axis (1 on the image grid), else None."""
+    for p in range(1, max(image_shape) + 1):
+        if all(-(-i // p) == n for i, n in zip(image_shape, feat_shape)):
+            return p
+        if any(-(-i // p) < n for i, n in zip(image_shape, feat_shape)):
+            break
+    return None
+
+
 def features_on_cells(feat: torch.Tensor, image_shape: tuple[int, int, int], cell: int) -> torch.Tensor:
     """Average features over cells of ``cell`` voxels tiling the (padded) image grid.
 
     ``feat`` is ``(1, C, I', J', K')`` covering the image's field of view, cell-centred: feature
     voxel ``a`` along an axis of ``n`` covers image voxels ``[a*I/n, (a+1)*I/n)``. Features on the
-    image grid itself are padded by replication and average-pooled exactly. Other volumes are
+    image grid itself are average-pooled exactly (partial cells at the far edges average the
+    voxels they hold), and so are features already pooled over cells of ``p`` voxels
+    (``ceil(I / p)`` per axis, e.g. ``mind_pool``) when ``p`` divides ``cell``. Other volumes are
     first average-pooled by the integer factor that brings them closest to the cell size from
     above (anti-aliasing), then sampled trilinearly at the cell centres.
     """
     padded = padded_shape(image_shape, cell)
     cells = tuple(p // cell for p in padded)
     feat_shape = tuple(feat.shape[2:])
-    if feat_shape == tuple(image_shape):
-        # partial cells at the far edges average the voxels they hold (no padded copy)
-        return F.avg_pool3d(feat, cell, stride=cell, ceil_mode=True)
+    pooled_by = pooling_factor(feat_shape, image_shape)
+    if pooled_by is not None and cell % pooled_by == 0:
+        factor = cell // pooled_by
+        return feat if factor == 1 else F.avg_pool3d(feat, factor, stride=factor, ceil_mode=True)
     voxels_per_feature = [i / n for i, n in zip(image_shape, feat_shape)]
     factors = tuple(min(n, max(1, int(cell / v))) for n, v in zip(feat_shape, voxels_per_feature))
     if any(f > 1 for f in factors):

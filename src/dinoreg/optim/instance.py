@@ -17,6 +17,7 @@ Layouts: features ``(1, C, h, w, d)``; fields ``(1, 3, h, w, d)`` in cell units,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,7 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from dinoreg import losses
+from dinoreg.jit import fused_cpu
+from dinoreg.optim import cpu_kernels
 from dinoreg.spatial.grid import identity_grid, resize_field, warp
+from dinoreg.spatial.separable import apply_separable, apply_separable_adjoint, filter_matrix, linear_resize_matrix
 
 SIMILARITIES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "ssd": losses.ssd,
@@ -88,6 +92,34 @@ def diffusion_gradient(field: torch.Tensor, weight: float) -> torch.Tensor:
     return grad
 
 
+class Adam:
+    """Adam (Kingma & Ba) on one tensor, the update of ``torch.optim.Adam`` without its import cost.
+
+    ``torch.optim.Adam`` pulls in ``torch._dynamo`` on construction, several seconds on a cold
+    start; this is the same arithmetic (bias-corrected moments, ``eps`` added after the square
+    root) in a dozen lines.
+    """
+
+    def __init__(self, params: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.step_count = 0
+        self.first = torch.zeros_like(params)
+        self.second = torch.zeros_like(params)
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        """Move ``params`` in place along the Adam direction for ``grad``."""
+        beta1, beta2 = self.betas
+        self.step_count += 1
+        self.first.lerp_(grad, 1.0 - beta1)
+        self.second.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        correction1 = 1.0 - beta1 ** self.step_count
+        correction2 = 1.0 - beta2 ** self.step_count
+        denom = (self.second.sqrt() / correction2 ** 0.5).add_(self.eps)
+        self.params.addcdiv_(self.first, denom, value=-self.lr / correction1)
+
+
 @dataclass
 class InstanceConfig:
     """Settings of the Adam stage (``grid_sp`` voxels per cell, learning rate in cells)."""
@@ -98,6 +130,51 @@ class InstanceConfig:
     lambda_weight: float = 1.25
     similarity: str = "ssd"
     param_factor: int = 1  # parameters on a grid this many times coarser, upsampled to compare
+
+
+class ParameterMap:
+    """The linear map from the parameter grid to the field on the feature grid, and its adjoint.
+
+    ``field = scale * U(S(params))``: ``S`` the separable ``[1, 3, 6, 7, 6, 3, 1] / 27`` smoothing
+    (:func:`smooth_field`), ``U`` trilinear resizing to the feature grid (cell-centred, as
+    :func:`dinoreg.spatial.grid.resize_field`; identity when the grids agree), ``scale`` the
+    per-component grid ratio that keeps vectors in feature-grid cells. Both are small dense
+    matrices per axis (:mod:`dinoreg.spatial.separable`).
+    """
+
+    def __init__(self, coarse: tuple[int, ...], fine: tuple[int, ...], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
+        taps = [t / 27.0 for t in _SMOOTH_TAPS]
+        self.smoothing = [filter_matrix(n, taps, dtype, device) for n in coarse]
+        self.resize = None
+        if tuple(coarse) != tuple(fine):
+            self.resize = [linear_resize_matrix(f, c, dtype, device) for f, c in zip(fine, coarse)]
+        ratio = [f / c for f, c in zip(fine, coarse)]
+        self.scale = torch.tensor(ratio, dtype=dtype, device=device).view(1, 3, 1, 1, 1)
+
+    def smooth(self, params: torch.Tensor) -> torch.Tensor:
+        """``S(params)`` on the parameter grid, ``(1, 3, h', w', d')``."""
+        return apply_separable(params[0], self.smoothing).unsqueeze(0)
+
+    def expand(self, smooth: torch.Tensor) -> torch.Tensor:
+        """``scale * U(smooth)``: a smoothed parameter field on the feature grid, ``(1, 3, h, w, d)``."""
+        if self.resize is None:
+            return smooth
+        return apply_separable(smooth[0], self.resize).unsqueeze(0) * self.scale
+
+    def field(self, params: torch.Tensor) -> torch.Tensor:
+        """The field on the feature grid for ``params``."""
+        return self.expand(self.smooth(params))
+
+    def expand_adjoint(self, grad: torch.Tensor) -> torch.Tensor:
+        """Transpose of :meth:`expand`: a feature-grid gradient onto the parameter grid."""
+        if self.resize is None:
+            return grad
+        return apply_separable_adjoint((grad * self.scale)[0], self.resize).unsqueeze(0)
+
+    def smooth_adjoint(self, grad: torch.Tensor) -> torch.Tensor:
+        """Transpose of :meth:`smooth` (the filter is symmetric: the same product)."""
+        return apply_separable_adjoint(grad[0], self.smoothing).unsqueeze(0)
 
 
 class InstanceOptimiser:
@@ -118,55 +195,56 @@ class InstanceOptimiser:
         if self.config.param_factor > 1:
             coarse = tuple(max(1, -(-n // self.config.param_factor)) for n in shape)
             init = resize_field(init, coarse)
-        self._shape = shape
-        params = init.detach().clone().requires_grad_(True)
+        self._map = ParameterMap(tuple(init.shape[2:]), shape, feat_fix.device, feat_fix.dtype)
+        self._cells = math.prod(shape)
+        params = init.detach().clone()
         # gradients are per cell (sums over cells, not means), so eps can sit above the float32
         # noise of grid_sample (~1e-4 per cell for an identical pair) and below real gradients
         # (~0.1..1); otherwise Adam, being scale invariant, turns noise into steps of size lr
-        optimiser = torch.optim.Adam([params], lr=self.config.lr, eps=ADAM_EPS)
-        step = self._ssd_step if self.config.similarity == "ssd" else self._autograd_step
-        fixed_grad = spatial_gradient(feat_fix) if self.config.similarity == "ssd" else None
+        optimiser = Adam(params, lr=self.config.lr, eps=ADAM_EPS)
+        if self.config.similarity == "ssd":
+            self._prepare_ssd(feat_fix, feat_mov)
+            gradient = self._ssd_gradient
+        else:
+            gradient = self._autograd_gradient
         for it in range(self.config.iterations):
-            optimiser.zero_grad(set_to_none=True)
-            step(params, feat_fix, feat_mov, fixed_grad)
-            optimiser.step()
+            optimiser.step(gradient(params, feat_fix, feat_mov))
             if progress is not None:
                 progress(it + 1)
         with torch.no_grad():
-            return self._expand(smooth_field(params))
+            return self._map.field(params)
 
-    def _expand(self, field: torch.Tensor) -> torch.Tensor:
-        """Parameter-grid field -> feature-grid field (identity unless ``param_factor > 1``)."""
-        if tuple(field.shape[2:]) == self._shape:
-            return field
-        return resize_field(field, self._shape)
+    def _prepare_ssd(self, feat_fix: torch.Tensor, feat_mov: torch.Tensor) -> None:
+        """Fixed-image gradients (torch path) or channel-last copies (fused CPU kernel)."""
+        self._fused = fused_cpu(feat_fix) and min(feat_fix.shape[2:]) >= 2
+        if self._fused:
+            self._mov_cl, self._fix_cl = cpu_kernels.channels_last(feat_mov), cpu_kernels.channels_last(feat_fix)
+        else:
+            self._fixed_grad = spatial_gradient(feat_fix)
 
-    def _ssd_step(self, params: torch.Tensor, feat_fix: torch.Tensor, feat_mov: torch.Tensor,
-                  fixed_grad: list[torch.Tensor] | None) -> None:
-        assert fixed_grad is not None
-        with torch.no_grad():
-            smooth = smooth_field(params)
-        coarse = smooth.requires_grad_(True)
-        field = self._expand(coarse)
-        with torch.no_grad():
-            residual = (warp(feat_mov, field) - feat_fix) * inside_mask(field)
-            scale = 2.0
-            grad = torch.cat([(residual * g).sum(1, keepdim=True) for g in fixed_grad], 1) * scale
-        if field is coarse:
-            grad_coarse = grad
-        else:  # adjoint of the upsampling, by autograd (cheap: 3 channels)
-            field.backward(grad)
-            grad_coarse = coarse.grad
-        with torch.no_grad():
-            # differences across coarse cells are param_factor times those across feature cells;
-            # the per-cell scaling of the similarity gradient applies to the regulariser too
-            weight = self.config.lambda_weight / self.config.param_factor ** 2 * residual[0, 0].numel()
-            grad_coarse = grad_coarse + diffusion_gradient(smooth, weight)
-            params.grad = smooth_field(grad_coarse)
+    def _similarity_gradient(self, field: torch.Tensor, feat_fix: torch.Tensor,
+                             feat_mov: torch.Tensor) -> torch.Tensor:
+        """``2 (M(x + u) - F(x)) . grad F(x)`` per cell, zero outside the moving grid."""
+        if self._fused:
+            return cpu_kernels.ssd_gradient(self._mov_cl, self._fix_cl, field)
+        residual = (warp(feat_mov, field) - feat_fix) * inside_mask(field)
+        return torch.cat([(residual * g).sum(1, keepdim=True) for g in self._fixed_grad], 1) * 2.0
 
-    def _autograd_step(self, params: torch.Tensor, feat_fix: torch.Tensor, feat_mov: torch.Tensor,
-                       fixed_grad: list[torch.Tensor] | None) -> None:
+    @torch.no_grad()
+    def _ssd_gradient(self, params: torch.Tensor, feat_fix: torch.Tensor, feat_mov: torch.Tensor) -> torch.Tensor:
+        smooth = self._map.smooth(params)
+        grad = self._similarity_gradient(self._map.expand(smooth), feat_fix, feat_mov)
+        # differences across parameter cells are param_factor times those across feature cells;
+        # the per-cell scaling of the similarity gradient applies to the regulariser too
+        weight = self.config.lambda_weight / self.config.param_factor ** 2 * self._cells
+        grad = self._map.expand_adjoint(grad) + diffusion_gradient(smooth, weight)
+        return self._map.smooth_adjoint(grad)
+
+    def _autograd_gradient(self, params: torch.Tensor, feat_fix: torch.Tensor, feat_mov: torch.Tensor
+                           ) -> torch.Tensor:
         similarity = SIMILARITIES[self.config.similarity]
-        field = self._expand(smooth_field(params))
+        leaf = params.detach().requires_grad_(True)
+        field = self._map.field(leaf)
         loss = similarity(feat_fix, warp(feat_mov, field)) + self.config.lambda_weight * losses.diffusion(field)
         (loss * feat_fix[0, 0].numel()).backward()  # per-cell gradients, see ADAM_EPS
+        return leaf.grad
