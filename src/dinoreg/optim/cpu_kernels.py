@@ -1,11 +1,12 @@
 """Fused CPU kernels (numba) for the hot loops of ConvexAdam.
 
-* :func:`ssd_gradient`: the Adam stage's warp + residual + fixed-gradient product. In torch that
-  is a 12-channel ``grid_sample`` and three channel reductions; here it is one pass over the
-  cells, one set of trilinear weights for every channel, channel-last reads, no temporaries.
+* :func:`ssd_gradient`: the Adam stage's warp, residual and SSD gradient. In torch that is a
+  12-channel ``grid_sample`` forward and backward through autograd; here it is one pass over
+  the cells, one set of trilinear weights for every channel, channel-last reads, no graph.
 * :func:`ssd_cost_volume`: the convex stage's SSD over all integer displacements and its two
   3x3x3 box filters, without the ``(L, cells)`` temporaries of the torch version.
 * :func:`coupled_argmin`: one coupling round's argmin without materialising the coupled costs.
+* :func:`separable_filter`: the Adam stage's field smoothing (7 taps per axis), not a dense matrix.
 
 Each computes what its torch twin in :mod:`dinoreg.optim.instance` / :mod:`dinoreg.optim.convex`
 computes (``tests/test_cpu_kernels.py`` compares them); the torch twins run on GPU and where
@@ -25,41 +26,44 @@ from dinoreg.jit import kernel, prange, use_torch_threads
 
 @kernel
 def _ssd_gradient(mov: np.ndarray, fix: np.ndarray, field: np.ndarray, out: np.ndarray) -> None:
+    """``2 sum_c (M_c(x + u) - F_c(x)) dM_c(x + u)/du`` with the derivative of the trilinear weights.
+
+    Coordinates outside the grid are clamped to it (border padding) and have zero derivative
+    along the clamped axis, exactly as ``grid_sample(padding_mode="border")`` under autograd.
+    """
     h, w, d, channels = fix.shape
     for i in prange(h):
-        residual = np.empty(channels, np.float32)
-        im, ip = max(i - 1, 0), min(i + 1, h - 1)
         for j in range(w):
-            jm, jp = max(j - 1, 0), min(j + 1, w - 1)
             for k in range(d):
                 x = i + field[0, i, j, k]
                 y = j + field[1, i, j, k]
                 z = k + field[2, i, j, k]
-                if x < 0 or y < 0 or z < 0 or x > h - 1 or y > w - 1 or z > d - 1:
-                    out[0, i, j, k] = 0.0
-                    out[1, i, j, k] = 0.0
-                    out[2, i, j, k] = 0.0
-                    continue
+                inside_x = np.float32(1.0) if 0 <= x <= h - 1 else np.float32(0.0)
+                inside_y = np.float32(1.0) if 0 <= y <= w - 1 else np.float32(0.0)
+                inside_z = np.float32(1.0) if 0 <= z <= d - 1 else np.float32(0.0)
+                x, y, z = min(max(x, 0.0), h - 1.0), min(max(y, 0.0), w - 1.0), min(max(z, 0.0), d - 1.0)
                 x0, y0, z0 = min(int(x), h - 2), min(int(y), w - 2), min(int(z), d - 2)
                 fx, fy, fz = x - x0, y - y0, z - z0
                 gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-                for c in range(channels):
-                    value = (gx * (gy * (gz * mov[x0, y0, z0, c] + fz * mov[x0, y0, z0 + 1, c])
-                                   + fy * (gz * mov[x0, y0 + 1, z0, c] + fz * mov[x0, y0 + 1, z0 + 1, c]))
-                             + fx * (gy * (gz * mov[x0 + 1, y0, z0, c] + fz * mov[x0 + 1, y0, z0 + 1, c])
-                                     + fy * (gz * mov[x0 + 1, y0 + 1, z0, c]
-                                             + fz * mov[x0 + 1, y0 + 1, z0 + 1, c])))
-                    residual[c] = value - fix[i, j, k, c]
-                km, kp = max(k - 1, 0), min(k + 1, d - 1)
+                m00, m01 = mov[x0, y0], mov[x0, y0 + 1]
+                m10, m11 = mov[x0 + 1, y0], mov[x0 + 1, y0 + 1]
                 gi = gj = gk = 0.0
                 for c in range(channels):
-                    r = residual[c]
-                    gi += r * (fix[ip, j, k, c] - fix[im, j, k, c])
-                    gj += r * (fix[i, jp, k, c] - fix[i, jm, k, c])
-                    gk += r * (fix[i, j, kp, c] - fix[i, j, km, c])
-                out[0, i, j, k] = 2.0 * gi / (ip - im)
-                out[1, i, j, k] = 2.0 * gj / (jp - jm)
-                out[2, i, j, k] = 2.0 * gk / (kp - km)
+                    a000, a001, a010, a011 = m00[z0, c], m00[z0 + 1, c], m01[z0, c], m01[z0 + 1, c]
+                    a100, a101, a110, a111 = m10[z0, c], m10[z0 + 1, c], m11[z0, c], m11[z0 + 1, c]
+                    # bilinear in (j, k) on the two i-planes, then linear in i
+                    low = gy * (gz * a000 + fz * a001) + fy * (gz * a010 + fz * a011)
+                    high = gy * (gz * a100 + fz * a101) + fy * (gz * a110 + fz * a111)
+                    r = gx * low + fx * high - fix[i, j, k, c]
+                    gi += r * (high - low)
+                    gj += r * (gx * (gz * (a010 - a000) + fz * (a011 - a001))
+                               + fx * (gz * (a110 - a100) + fz * (a111 - a101)))
+                    gk += r * (gx * (gy * (a001 - a000) + fy * (a011 - a010))
+                               + fx * (gy * (a101 - a100) + fy * (a111 - a110)))
+                out[0, i, j, k] = 2.0 * gi * inside_x
+                out[1, i, j, k] = 2.0 * gj * inside_y
+                out[2, i, j, k] = 2.0 * gk * inside_z
+
 
 @kernel
 def _ssd_cost(fix: np.ndarray, mov: np.ndarray, disp_hw: int, out: np.ndarray) -> None:
@@ -116,22 +120,56 @@ def _coupled_argmin(cost: np.ndarray, field: np.ndarray, candidates: np.ndarray,
         out[n] = best_label
 
 
+@kernel
+def _filter_axis(src: np.ndarray, taps: np.ndarray, axis: int, out: np.ndarray) -> None:
+    """Zero-padded centred filter ``taps`` along ``axis`` (1, 2 or 3) of a ``(C, I, J, K)`` array."""
+    channels, h, w, d = src.shape
+    half = taps.shape[0] // 2
+    for ci in prange(channels * h):
+        c, i = ci // h, ci % h
+        padded = np.zeros(d + 2 * half, np.float32)  # a zero-padded copy: no aliasing, no bounds
+        acc = np.empty(d, np.float32)
+        for j in range(w):
+            row = out[c, i, j]
+            if axis == 3:
+                padded[half:half + d] = src[c, i, j]
+                acc[:] = 0.0
+                for t in range(taps.shape[0]):
+                    for k in range(d):
+                        acc[k] += taps[t] * padded[k + t]
+                row[:] = acc
+                continue
+            row[:] = 0.0
+            for t in range(taps.shape[0]):
+                offset = t - half
+                if axis == 2:
+                    if 0 <= j + offset < w:
+                        source = src[c, i, j + offset]
+                        for k in range(d):
+                            row[k] += taps[t] * source[k]
+                elif 0 <= i + offset < h:
+                    source = src[c, i + offset, j]
+                    for k in range(d):
+                        row[k] += taps[t] * source[k]
+
+
 def channels_last(volume: torch.Tensor) -> np.ndarray:
     """``(1, C, h, w, d)`` tensor -> contiguous ``(h, w, d, C)`` float32 numpy array."""
     return np.ascontiguousarray(volume[0].detach().permute(1, 2, 3, 0).to(torch.float32).numpy())
 
 
 def ssd_gradient(mov_cl: np.ndarray, fix_cl: np.ndarray, field: torch.Tensor) -> torch.Tensor:
-    """``dSSD/du`` per cell with the fixed-image gradient (demons-style), masked outside the moving grid.
+    """Gradient of ``sum_cells sum_c (M_c(x + u) - F_c(x))^2`` with respect to ``u``, per cell.
+
+    What autograd gives through a border-padded trilinear ``grid_sample`` (the derivative of
+    the trilinear weights, zero where ``x + u`` leaves the grid), without building a graph.
 
     Args:
         mov_cl, fix_cl: channel-last ``(h, w, d, C)`` features (see :func:`channels_last`).
         field: ``(1, 3, h, w, d)`` displacement in cells.
 
     Returns:
-        ``(1, 3, h, w, d)`` float32 tensor ``2 * sum_c (M_c(x + u) - F_c(x)) * grad F_c(x)``, with
-        central differences inside and one-sided ones at the edges, zero where ``x + u`` leaves
-        the grid. Every axis must have at least two cells.
+        ``(1, 3, h, w, d)`` float32 tensor. Every axis must have at least two cells.
     """
     if min(fix_cl.shape[:3]) < 2:
         raise ValueError(f"ssd_gradient needs at least 2 cells per axis, got {fix_cl.shape[:3]}")
@@ -173,3 +211,15 @@ def coupled_argmin(cost: np.ndarray, field: np.ndarray, candidates: np.ndarray, 
     out = np.empty(cost.shape[0], np.int64)
     _coupled_argmin(cost, field, candidates, penalty, coeff, out)
     return out
+
+
+def separable_filter(volume: torch.Tensor, taps: np.ndarray) -> torch.Tensor:
+    """The same zero-padded centred filter along every spatial axis of ``(1, C, I, J, K)`` (float32)."""
+    use_torch_threads()
+    current = np.ascontiguousarray(volume[0].detach().numpy())
+    taps = np.ascontiguousarray(taps, dtype=np.float32)
+    for axis in (3, 2, 1):
+        result = np.empty_like(current)
+        _filter_axis(current, taps, axis, result)
+        current = result
+    return torch.from_numpy(current).unsqueeze(0)
