@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, help="feature cache: encode each volume once across runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("DINOREG_WEIGHTS_DIR", str(args.shared.resolve() / "weights"))  # real weights
+    os.environ.setdefault("DINOREG_OFFLINE", "1")
     if args.cache_dir is not None:
         from dinoreg.cache import activate
 
