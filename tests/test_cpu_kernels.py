@@ -40,8 +40,10 @@ def _pooled_features(brain_crop: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
     return fix, mov
 
 
-def test_fused_ssd_gradient_matches_autograd(brain_crop):
+@pytest.mark.parametrize("channels", [12, 7])  # MIND's specialised kernel and the generic one
+def test_fused_ssd_gradient_matches_autograd(brain_crop, channels):
     fix, mov = _pooled_features(brain_crop)
+    fix, mov = fix[:, :channels], mov[:, :channels]
     field = 1.5 * torch.randn(1, 3, 6, 6, 6, generator=torch.Generator().manual_seed(0))
     field = resize_field(field, tuple(fix.shape[2:]))  # smooth, a few cells, some leave the grid
     fused = cpu_kernels.ssd_gradient(cpu_kernels.channels_last(mov), cpu_kernels.channels_last(fix), field)
@@ -139,3 +141,10 @@ def test_pooled_features_on_cells_equal_full_resolution(brain_crop):
     for cell in (2, 6):
         torch.testing.assert_close(features_on_cells(pooled, brain_crop.shape, cell),
                                    features_on_cells(full, brain_crop.shape, cell), atol=2e-5, rtol=0)
+
+
+def test_fused_diffusion_gradient_matches_torch():
+    field = torch.randn(1, 3, 7, 9, 11, generator=torch.Generator().manual_seed(4))
+    base = torch.randn(1, 3, 7, 9, 11, generator=torch.Generator().manual_seed(5))
+    fused = cpu_kernels.add_diffusion_gradient(field, 3.5, base.clone())
+    torch.testing.assert_close(fused, base + instance.diffusion_gradient(field, 3.5), atol=1e-5, rtol=1e-5)

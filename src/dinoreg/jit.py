@@ -66,5 +66,8 @@ def warm_up() -> float:
     fixed = np.sin(grid[0] / 3.0) * np.cos(grid[1] / 4.0) + grid[2] / 28.0
     moving = np.roll(fixed, 1, axis=0)
     register(fixed, moving, preset_name="mind", device="cpu", progress=False, iterations=2)
+    # the generic (not 12-channel) Adam kernel, as learned encoders use it
+    register(fixed, moving, preset_name="mind", device="cpu", progress=False, iterations=1, mind_pool=1,
+             features="mind+mind", ensemble_weights=[1.0, 0.5])
     return time.perf_counter() - start
 

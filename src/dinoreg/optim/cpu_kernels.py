@@ -6,7 +6,8 @@
 * :func:`ssd_cost_volume`: the convex stage's SSD over all integer displacements and its two
   3x3x3 box filters, without the ``(L, cells)`` temporaries of the torch version.
 * :func:`coupled_argmin`: one coupling round's argmin without materialising the coupled costs.
-* :func:`separable_filter`: the Adam stage's field smoothing (7 taps per axis), not a dense matrix.
+* :func:`separable_filter`: the Adam stage's field smoothing (7 taps per axis), not a dense matrix,
+  and :func:`add_diffusion_gradient`, the regulariser's gradient added in place.
 
 Each computes what its torch twin in :mod:`dinoreg.optim.instance` / :mod:`dinoreg.optim.convex`
 computes (``tests/test_cpu_kernels.py`` compares them); the torch twins run on GPU and where
@@ -24,45 +25,59 @@ import torch
 from dinoreg.jit import kernel, prange, use_torch_threads
 
 
-@kernel
-def _ssd_gradient(mov: np.ndarray, fix: np.ndarray, field: np.ndarray, out: np.ndarray) -> None:
-    """``2 sum_c (M_c(x + u) - F_c(x)) dM_c(x + u)/du`` with the derivative of the trilinear weights.
+def _make_ssd_gradient(fixed_channels: int):
+    """The SSD-gradient kernel; ``fixed_channels > 0`` compiles the channel count in as a
+    constant (LLVM then unrolls and vectorises the channel loop: ~1.5x faster for MIND's 12)."""
 
-    Coordinates outside the grid are clamped to it (border padding) and have zero derivative
-    along the clamped axis, exactly as ``grid_sample(padding_mode="border")`` under autograd.
-    """
-    h, w, d, channels = fix.shape
-    for i in prange(h):
-        for j in range(w):
-            for k in range(d):
-                x = i + field[0, i, j, k]
-                y = j + field[1, i, j, k]
-                z = k + field[2, i, j, k]
-                inside_x = np.float32(1.0) if 0 <= x <= h - 1 else np.float32(0.0)
-                inside_y = np.float32(1.0) if 0 <= y <= w - 1 else np.float32(0.0)
-                inside_z = np.float32(1.0) if 0 <= z <= d - 1 else np.float32(0.0)
-                x, y, z = min(max(x, 0.0), h - 1.0), min(max(y, 0.0), w - 1.0), min(max(z, 0.0), d - 1.0)
-                x0, y0, z0 = min(int(x), h - 2), min(int(y), w - 2), min(int(z), d - 2)
-                fx, fy, fz = x - x0, y - y0, z - z0
-                gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-                m00, m01 = mov[x0, y0], mov[x0, y0 + 1]
-                m10, m11 = mov[x0 + 1, y0], mov[x0 + 1, y0 + 1]
-                gi = gj = gk = 0.0
-                for c in range(channels):
-                    a000, a001, a010, a011 = m00[z0, c], m00[z0 + 1, c], m01[z0, c], m01[z0 + 1, c]
-                    a100, a101, a110, a111 = m10[z0, c], m10[z0 + 1, c], m11[z0, c], m11[z0 + 1, c]
-                    # bilinear in (j, k) on the two i-planes, then linear in i
-                    low = gy * (gz * a000 + fz * a001) + fy * (gz * a010 + fz * a011)
-                    high = gy * (gz * a100 + fz * a101) + fy * (gz * a110 + fz * a111)
-                    r = gx * low + fx * high - fix[i, j, k, c]
-                    gi += r * (high - low)
-                    gj += r * (gx * (gz * (a010 - a000) + fz * (a011 - a001))
-                               + fx * (gz * (a110 - a100) + fz * (a111 - a101)))
-                    gk += r * (gx * (gy * (a001 - a000) + fy * (a011 - a010))
-                               + fx * (gy * (a101 - a100) + fy * (a111 - a110)))
-                out[0, i, j, k] = 2.0 * gi * inside_x
-                out[1, i, j, k] = 2.0 * gj * inside_y
-                out[2, i, j, k] = 2.0 * gk * inside_z
+    @kernel
+    def ssd_gradient_kernel(mov: np.ndarray, fix: np.ndarray, field: np.ndarray, out: np.ndarray) -> None:
+        """``2 sum_c (M_c(x + u) - F_c(x)) dM_c(x + u)/du`` with the derivative of the trilinear weights.
+
+        Coordinates outside the grid are clamped to it (border padding) and have zero derivative
+        along the clamped axis, exactly as ``grid_sample(padding_mode="border")`` under autograd.
+        """
+        h, w, d, channels = fix.shape
+        if fixed_channels > 0:
+            channels = fixed_channels
+        for i in prange(h):
+            for j in range(w):
+                for k in range(d):
+                    x = i + field[0, i, j, k]
+                    y = j + field[1, i, j, k]
+                    z = k + field[2, i, j, k]
+                    inside_x = inside_y = inside_z = np.float32(1.0)
+                    if not (0 <= x <= h - 1 and 0 <= y <= w - 1 and 0 <= z <= d - 1):
+                        inside_x = np.float32(1.0) if 0 <= x <= h - 1 else np.float32(0.0)
+                        inside_y = np.float32(1.0) if 0 <= y <= w - 1 else np.float32(0.0)
+                        inside_z = np.float32(1.0) if 0 <= z <= d - 1 else np.float32(0.0)
+                        x, y, z = min(max(x, 0.0), h - 1.0), min(max(y, 0.0), w - 1.0), min(max(z, 0.0), d - 1.0)
+                    x0, y0, z0 = min(int(x), h - 2), min(int(y), w - 2), min(int(z), d - 2)
+                    fx, fy, fz = x - x0, y - y0, z - z0
+                    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+                    m00, m01 = mov[x0, y0], mov[x0, y0 + 1]
+                    m10, m11 = mov[x0 + 1, y0], mov[x0 + 1, y0 + 1]
+                    target = fix[i, j, k]
+                    gi = gj = gk = 0.0
+                    for c in range(channels):
+                        a000, a001, a010, a011 = m00[z0, c], m00[z0 + 1, c], m01[z0, c], m01[z0 + 1, c]
+                        a100, a101, a110, a111 = m10[z0, c], m10[z0 + 1, c], m11[z0, c], m11[z0 + 1, c]
+                        # bilinear in (j, k) on the two i-planes, then linear in i
+                        low = gy * (gz * a000 + fz * a001) + fy * (gz * a010 + fz * a011)
+                        high = gy * (gz * a100 + fz * a101) + fy * (gz * a110 + fz * a111)
+                        r = gx * low + fx * high - target[c]
+                        gi += r * (high - low)
+                        gj += r * (gx * (gz * (a010 - a000) + fz * (a011 - a001))
+                                   + fx * (gz * (a110 - a100) + fz * (a111 - a101)))
+                        gk += r * (gx * (gy * (a001 - a000) + fy * (a011 - a010))
+                                   + fx * (gy * (a101 - a100) + fy * (a111 - a110)))
+                    out[0, i, j, k] = 2.0 * gi * inside_x
+                    out[1, i, j, k] = 2.0 * gj * inside_y
+                    out[2, i, j, k] = 2.0 * gk * inside_z
+
+    return ssd_gradient_kernel
+
+
+_SSD_GRADIENT = {0: _make_ssd_gradient(0), 12: _make_ssd_gradient(12)}  # 0: any channel count
 
 
 @kernel
@@ -153,6 +168,30 @@ def _filter_axis(src: np.ndarray, taps: np.ndarray, axis: int, out: np.ndarray) 
                         row[k] += taps[t] * source[k]
 
 
+@kernel
+def _add_diffusion_gradient(field: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
+    """``out += d/dfield sum_a scales[a] * sum (field[x + e_a] - field[x])^2`` for ``(C, I, J, K)``."""
+    channels, h, w, d = field.shape
+    for ci in prange(channels * h):
+        c, i = ci // h, ci % h
+        for j in range(w):
+            row, target = field[c, i, j], out[c, i, j]
+            for neighbour, inside, scale in ((i - 1, i > 0, scales[0]), (i + 1, i < h - 1, scales[0])):
+                if inside:
+                    other = field[c, neighbour, j]
+                    for k in range(d):
+                        target[k] += 2.0 * scale * (row[k] - other[k])
+            for neighbour, inside in ((j - 1, j > 0), (j + 1, j < w - 1)):
+                if inside:
+                    other = field[c, i, neighbour]
+                    for k in range(d):
+                        target[k] += 2.0 * scales[1] * (row[k] - other[k])
+            for k in range(1, d):
+                target[k] += 2.0 * scales[2] * (row[k] - row[k - 1])
+            for k in range(d - 1):
+                target[k] += 2.0 * scales[2] * (row[k] - row[k + 1])
+
+
 def channels_last(volume: torch.Tensor) -> np.ndarray:
     """``(1, C, h, w, d)`` tensor -> contiguous ``(h, w, d, C)`` float32 numpy array."""
     return np.ascontiguousarray(volume[0].detach().permute(1, 2, 3, 0).to(torch.float32).numpy())
@@ -176,7 +215,7 @@ def ssd_gradient(mov_cl: np.ndarray, fix_cl: np.ndarray, field: torch.Tensor) ->
     use_torch_threads()
     components = np.ascontiguousarray(field[0].detach().to(torch.float32).numpy())
     out = np.empty_like(components)
-    _ssd_gradient(mov_cl, fix_cl, components, out)
+    _SSD_GRADIENT.get(fix_cl.shape[3], _SSD_GRADIENT[0])(mov_cl, fix_cl, components, out)
     return torch.from_numpy(out).unsqueeze(0)
 
 
@@ -216,10 +255,24 @@ def coupled_argmin(cost: np.ndarray, field: np.ndarray, candidates: np.ndarray, 
 def separable_filter(volume: torch.Tensor, taps: np.ndarray) -> torch.Tensor:
     """The same zero-padded centred filter along every spatial axis of ``(1, C, I, J, K)`` (float32)."""
     use_torch_threads()
-    current = np.ascontiguousarray(volume[0].detach().numpy())
+    source = np.ascontiguousarray(volume[0].detach().numpy())
     taps = np.ascontiguousarray(taps, dtype=np.float32)
-    for axis in (3, 2, 1):
-        result = np.empty_like(current)
-        _filter_axis(current, taps, axis, result)
-        current = result
-    return torch.from_numpy(current).unsqueeze(0)
+    first, second = np.empty_like(source), np.empty_like(source)  # ping-pong, no third array
+    _filter_axis(source, taps, 3, first)
+    _filter_axis(first, taps, 2, second)
+    _filter_axis(second, taps, 1, first)
+    return torch.from_numpy(first).unsqueeze(0)
+
+
+def add_diffusion_gradient(field: torch.Tensor, weight: float, out: torch.Tensor) -> torch.Tensor:
+    """``out += gradient of weight * losses.diffusion(field)`` in place (see
+    :func:`dinoreg.optim.instance.diffusion_gradient`); ``(1, C, I, J, K)`` float32 tensors."""
+    use_torch_threads()
+    components = np.ascontiguousarray(field[0].detach().numpy())
+    channels, h, w, d = components.shape
+    # losses.diffusion averages each axis's squared differences over its C * (n_a - 1) * ... terms
+    counts = [channels * (h - 1) * w * d, channels * h * (w - 1) * d, channels * h * w * (d - 1)]
+    scales = np.array([weight / n if n > 0 else 0.0 for n in counts], np.float32)
+    target = out[0].numpy()
+    _add_diffusion_gradient(components, scales, target)
+    return out

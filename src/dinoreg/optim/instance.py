@@ -209,7 +209,7 @@ class InstanceOptimiser:
         # differences across parameter cells are param_factor times those across feature cells;
         # the per-cell scaling of the similarity gradient applies to the regulariser too
         weight = self.config.lambda_weight / self.config.param_factor ** 2 * self._cells
-        grad = self._map.expand_adjoint(grad) + diffusion_gradient(smooth, weight)
+        grad = cpu_kernels.add_diffusion_gradient(smooth, weight, self._map.expand_adjoint(grad).contiguous())
         return self._map.smooth_adjoint(grad)
 
     def _autograd_gradient(self, params: torch.Tensor, feat_fix: torch.Tensor, feat_mov: torch.Tensor
