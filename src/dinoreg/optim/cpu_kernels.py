@@ -102,6 +102,7 @@ def _ssd_cost(fix: np.ndarray, mov: np.ndarray, disp_hw: int, out: np.ndarray) -
                             out[i, j, k, label] = total
                             label += 1
 
+
 @kernel
 def _box3_axis(src: np.ndarray, di: int, dj: int, dk: int, out: np.ndarray) -> None:
     """Mean of each cell and its two neighbours along ``(di, dj, dk)`` (zero padded, / 3)."""
@@ -119,6 +120,7 @@ def _box3_axis(src: np.ndarray, di: int, dj: int, dk: int, out: np.ndarray) -> N
                     if hi:
                         total += src[i + di, j + dj, k + dk, label]
                     out[i, j, k, label] = total * third
+
 
 @kernel
 def _coupled_argmin(cost: np.ndarray, field: np.ndarray, candidates: np.ndarray, penalty: np.ndarray,

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoreg import losses
-from dinoreg import jit
-from dinoreg.jit import fused_cpu
+from dinoreg.jit import fused_cpu, fused_cpu_for
 from dinoreg.optim import cpu_kernels
 from dinoreg.spatial.grid import resize_field, warp
 from dinoreg.spatial.separable import apply_separable, apply_separable_adjoint, filter_matrix, linear_resize_matrix
@@ -128,8 +127,7 @@ class ParameterMap:
         taps = [t / 27.0 for t in _SMOOTH_TAPS]
         self.smoothing = [filter_matrix(n, taps, dtype, device) for n in coarse]
         # on CPU the banded filter (numba) beats dense matrices on grids of more than a few dozen cells
-        fused = jit.available() and torch.device(device).type == "cpu" and dtype == torch.float32
-        self.fused_taps = np.array(taps, np.float32) if fused else None
+        self.fused_taps = np.array(taps, np.float32) if fused_cpu_for(device, dtype) else None
         self.resize = None
         if tuple(coarse) != tuple(fine):
             self.resize = [linear_resize_matrix(f, c, dtype, device) for f, c in zip(fine, coarse)]
