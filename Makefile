@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps $(NODEPS)
-	$(BIN)/python -c "from dinoreg.jit import warm_up; print(f'dinoreg: CPU kernels compiled ({warm_up():.0f} s)')"
+	$(BIN)/python -c "from dinoreg.warmup import warm_up; print(f'dinoreg: CPU kernels compiled ({warm_up():.0f} s)')"
 	touch $@
 
 # Headless Chromium for the report test (Debian package; needs root, skipped otherwise).

@@ -54,7 +54,7 @@ def brain_slice() -> np.ndarray:
 @needs_data
 @needs_weights
 def test_dinov2_curves_have_their_minimum_at_zero(brain_slice):
-    from dinoreg.features.encoders2d import load_encoder2d
+    from dinoreg.features.registry import load_encoder2d
 
     enc = load_encoder2d("dinov2")
     angles = [-11.25, -5.625, 0.0, 5.625, 11.25]

@@ -157,7 +157,7 @@ def test_mind_pool_gives_the_full_resolution_registration(brain_crop):
     moving = np.ascontiguousarray(np.roll(brain_crop, (2, -3, 1), (0, 1, 2)))
     pooled = dinoreg.register(brain_crop, moving, progress=False, device="cpu", iterations=20)
     full = dinoreg.register(brain_crop, moving, progress=False, device="cpu", iterations=20, mind_pool=1)
-    assert pooled.settings["mind_pool"] == 2
+    assert pooled.settings["encoders"][0]["mind_pool"] == 2
     inner = (slice(8, -8),) * 3
     assert float(np.abs(pooled.disp[inner]).mean()) > 1.0  # it found the shift
     assert float(np.abs(pooled.disp[inner] - full.disp[inner]).mean()) < 0.05

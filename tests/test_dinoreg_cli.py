@@ -43,9 +43,9 @@ def test_weights_missing_corrupt_and_wrong_architecture(tmp_path, brain_crop, mo
     monkeypatch.setenv("DINOREG_WEIGHTS_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    from dinoreg.features import dinov2_pair
+    from dinoreg.features import dinov2
 
-    dinov2_pair.cached_model.cache_clear()
+    dinov2.cached_model.cache_clear()
     with pytest.raises(DinoregError, match="dinov2_vits14"):
         register(brain_crop, brain_crop, **TINY)
     corrupt = tmp_path / "dinov2_vits14.safetensors"
@@ -56,7 +56,7 @@ def test_weights_missing_corrupt_and_wrong_architecture(tmp_path, brain_crop, mo
     torch.save({"cls_token": torch.zeros(1, 1, 8)}, wrong)
     with pytest.raises(DinoregError, match="wrong.pth"):
         register(brain_crop, brain_crop, weights=str(wrong), **TINY)
-    dinov2_pair.cached_model.cache_clear()
+    dinov2.cached_model.cache_clear()
 
 
 def test_image_too_small_for_one_patch(tmp_path, capsys):

@@ -72,11 +72,12 @@ def test_unknown_encoder_is_rejected(capsys, pair2d, tmp_path):
 
 
 def test_feature_distance_choices_are_enforced(capsys, pair2d, tmp_path):
-    with pytest.raises(SystemExit) as exc:
-        main(["register", str(pair2d["fixed"]), str(pair2d["moving"]), "-o", str(tmp_path), "--method", "ffd",
-              "--feature-distance", "l2"])
-    assert exc.value.code == 2
-    assert "invalid choice: 'l2'" in capsys.readouterr().err
+    code = main(["register", str(pair2d["fixed"]), str(pair2d["moving"]), "-o", str(tmp_path / "o"),
+                 "--method", "ffd", "--feature-distance", "l2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "setting 'feature_distance' must be one of cos" in err[0] and "got 'l2'" in err[0]
+    assert not (tmp_path / "o").exists()
 
 
 @needs_weights

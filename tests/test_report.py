@@ -25,7 +25,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def test_qc_figure_marks_folds(brain_crop: np.ndarray, tmp_path: Path) -> None:
     from PIL import Image as PILImage
 
-    from dinoreg.report import full_size_jacobian, qc_figure
+    from dinoreg.qc import full_size_jacobian, qc_figure
 
     fixed = brain_crop[::2, ::2, ::2]
     disp = np.zeros(fixed.shape + (3,), np.float32)

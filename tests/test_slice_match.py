@@ -10,7 +10,7 @@ import torch
 
 from dinoreg.errors import DinoregError
 from dinoreg.features.slicewise import SliceFeatures
-from dinoreg.optim.slice_match import cls_offset, lowest_pairs, match_slices
+from dinoreg.features.slice_match import cls_offset, lowest_pairs, match_slices
 from dinoreg.spatial.grid import warp
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -38,11 +38,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_intensity(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fixed-modality", default="auto", choices=["auto", "ct", "mr", "none"])
-    p.add_argument("--moving-modality", default="auto", choices=["auto", "ct", "mr", "none"])
-    p.add_argument("--ct-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), default=(50.0, 400.0),
+    p.add_argument("--fixed-modality", choices=["auto", "ct", "mr", "none"], help="default auto")
+    p.add_argument("--moving-modality", choices=["auto", "ct", "mr", "none"], help="default auto")
+    p.add_argument("--ct-window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"),
                    help="CT window in HU (default 50 400, abdomen; lung: -600 1500)")
-    p.add_argument("--mr-percentile", type=float, default=99.5, help="MR upper clip percentile (DINO-Reg: 97)")
+    p.add_argument("--mr-percentile", type=float, help="MR upper clip percentile (default 99.5; DINO-Reg: 97)")
 
 
 def _add_eval_inputs(p: argparse.ArgumentParser) -> None:
@@ -74,19 +74,40 @@ def parse_label_list(value: str | None) -> list[int] | None:
         raise DinoregError(f"--labels expects a comma list of integers or a file, got {value!r}") from exc
 
 
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["iterations=10", "similarity=lcc"]`` -> ``{"iterations": 10, "similarity": "lcc"}``
+    (values read as JSON when they parse, else kept as strings)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DinoregError(f"--set expects KEY=VALUE, got {item!r}", "--set")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def add_set_option(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable): any setting of the registration (``dinoreg presets --keys``)."""
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
+                   help="set any registration setting, e.g. --set iterations=20 (repeatable; "
+                        "'dinoreg presets --keys' lists them)")
+
+
 @command("register", "register MOVING onto FIXED; writes disp_*.nii.gz, the warped image, metrics.json")
 def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("fixed")
     p.add_argument("moving")
     p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--preset", help="settings bundle (mind [default], convexadam, dinoreg, dinoreg-fast, dino3d, ffd)")
-    p.add_argument("--method", choices=["convexadam", "ffd"],
-                   help="optimiser: convexadam (feature volumes) or ffd (B-spline, encoder in the loss); "
-                        "--method ffd selects the ffd preset unless --preset is given")
+    p.add_argument("--preset", help="named registration (default mind; 'dinoreg presets' lists them)")
+    p.add_argument("--method", help="convexadam (feature volumes) or ffd (B-spline, encoder in the loss); "
+                                    "--method ffd selects the ffd preset unless --preset is given")
     p.add_argument("--features", help="encoder name or ensemble a+b (mind, dinov2, dino3d, mind+dinov2; "
                                       "for ffd: litemedsam, dinov2, sam, medsam)")
     p.add_argument("--alpha", type=float, help="ffd: weight of the feature distance in [0, 1] (0 = NCC alone)")
-    p.add_argument("--feature-distance", choices=["cos", "l1"], help="ffd: feature distance")
+    p.add_argument("--feature-distance", help="ffd: feature distance (cos or l1)")
     p.add_argument("--grid-spacing", type=float, help="ffd: control-point spacing, mm")
     p.add_argument("--levels", type=int, nargs="+", help="ffd: pyramid factors, coarse to fine (e.g. 2 1)")
     p.add_argument("--slice-stride", type=int, help="ffd in 3D: encode every k-th slice per iteration")
@@ -94,56 +115,60 @@ def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="encoder weights file")
     p.add_argument("--fixed-mask")
     p.add_argument("--moving-mask")
-    p.add_argument("--mask-threshold", type=float, default=0.05, help="foreground threshold on [0, 1] intensities")
-    p.add_argument("--similarity", choices=["ssd", "lcc"], help="Adam-stage similarity")
+    p.add_argument("--mask-threshold", type=float, help="foreground threshold on [0, 1] intensities (default 0.05)")
+    p.add_argument("--similarity", help="Adam-stage similarity (ssd or lcc)")
     p.add_argument("--lambda", dest="lambda_weight", type=float, help="diffusion regulariser weight")
     p.add_argument("--iterations", type=int, help="Adam iterations")
     p.add_argument("--grid-sp", type=int, help="convex cell size, voxels")
     p.add_argument("--disp-hw", type=int, help="convex search half width, cells")
     p.add_argument("--grid-sp-adam", type=int, help="Adam cell size, voxels")
     p.add_argument("--no-ic", action="store_true", help="skip inverse consistency in the convex stage")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed (default 0): same seed and device, same field")
     p.add_argument("--name", help="file name of the field (default: Learn2Reg naming)")
     p.add_argument("--qc", action="store_true", help="also write a quality-control PNG (qc_*.png)")
+    add_set_option(p)
     _add_eval_inputs(p)
     _add_intensity(p)
     _add_common(p)
 
 
-def _intensities(args: argparse.Namespace) -> tuple[Any, Any]:
-    from dinoreg.preprocess import Intensity
-
-    window = tuple(args.ct_window)
-    return (Intensity(args.fixed_modality, window, args.mr_percentile),
-            Intensity(args.moving_modality, window, args.mr_percentile))
+def register_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The flat settings the ``register`` options give (``None``: not given)."""
+    overrides = dict(method=args.method, features=args.features, alpha=args.alpha,
+                     feature_distance=args.feature_distance, grid_spacing=args.grid_spacing,
+                     levels=args.levels, slice_stride=args.slice_stride, feature_upsample=args.feature_upsample,
+                     weights=args.weights, similarity=args.similarity, lambda_weight=args.lambda_weight,
+                     iterations=args.iterations, grid_sp=args.grid_sp, disp_hw=args.disp_hw,
+                     grid_sp_adam=args.grid_sp_adam, ic=False if args.no_ic else None, seed=args.seed,
+                     mask_threshold=args.mask_threshold, fixed_modality=args.fixed_modality,
+                     moving_modality=args.moving_modality, ct_window=args.ct_window,
+                     mr_percentile=args.mr_percentile)
+    overrides.update(parse_overrides(args.overrides))
+    return overrides
 
 
 @_register_args.handler
 def _register(args: argparse.Namespace) -> int:
-    from dinoreg.api import _prepare_outdir, register
+    from dinoreg.api import register, resolve_spec
+    from dinoreg.pipeline import resolve_device
+    from dinoreg.result import check_outdir
 
-    _prepare_outdir(args.output)
-    fixed_int, moving_int = _intensities(args)
     preset_name = args.preset or ("ffd" if args.method == "ffd" else "mind")
-    overrides = dict(method=args.method, alpha=args.alpha, feature_distance=args.feature_distance,
-                     grid_spacing=args.grid_spacing, levels=None if args.levels is None else tuple(args.levels),
-                     slice_stride=args.slice_stride, feature_upsample=args.feature_upsample, features=args.features, weights=args.weights, similarity=args.similarity,
-                     lambda_weight=args.lambda_weight, iterations=args.iterations, grid_sp=args.grid_sp,
-                     disp_hw=args.disp_hw, grid_sp_adam=args.grid_sp_adam)
-    if args.no_ic:
-        overrides["ic"] = False
-    result = register(args.fixed, args.moving, preset_name=preset_name, fixed_mask=args.fixed_mask,
+    spec = resolve_spec(preset_name, **register_overrides(args))  # bad settings: error before any work
+    device = resolve_device(args.device)
+    check_outdir(args.output)
+    labels = parse_label_list(args.labels)
+    result = register(args.fixed, args.moving, spec=spec, fixed_mask=args.fixed_mask,
                       moving_mask=args.moving_mask, fixed_labels=args.fixed_labels,
                       moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
                       moving_landmarks=args.moving_landmarks, landmarks_space=args.landmarks_space,
-                      eval_labels=parse_label_list(args.labels), fixed_intensity=fixed_int,
-                      moving_intensity=moving_int, mask_threshold=args.mask_threshold, device=args.device,
-                      seed=args.seed, progress=not args.quiet, **overrides)
+                      eval_labels=labels, device=device, progress=not args.quiet)
+    result.settings["preset"] = preset_name
     written = result.save(args.output, name=args.name, qc=args.qc)
     for kind, path in written.items():
         print(f"{kind}: {path}")
-    print(f"time: {result.timings['total']:.1f} s (encode {result.timings['encode']:.1f} s, "
-          f"optimise {result.timings['optimise']:.1f} s)")
+    t = result.timings
+    print(f"time: {t['total']:.1f} s (encode {t.get('encode', 0.0):.1f} s, optimise {t.get('optimise', 0.0):.1f} s)")
     if result.metrics:
         print(summary_line(result.metrics))
     return 0
@@ -201,11 +226,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                  fixed_mask=args.fixed_mask)
     text = json.dumps(to_jsonable(m), indent=2)
     if args.output:
-        from dinoreg.io.images import atomic_path
+        from dinoreg.io.atomic import write_text_atomic
 
-        tmp = atomic_path(args.output)
-        tmp.write_text(text)
-        tmp.replace(args.output)
+        write_text_atomic(args.output, text)
         print(f"metrics: {args.output}")
     else:
         print(text)
@@ -213,11 +236,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``dinoreg: error:`` line and exit status 2, like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"dinoreg: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``dinoreg`` argument parser."""
     _load_extra_commands()
-    parser = argparse.ArgumentParser(prog="dinoreg", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="dinoreg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (add_args, _, help_text) in _COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
     return parser
@@ -225,13 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_extra_commands() -> None:
     """Import every module of ``dinoreg.commands``; each registers its own sub-commands."""
-    import importlib
-    import pkgutil
+    from dinoreg.plugins import import_submodules
 
-    import dinoreg.commands as package
-
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{package.__name__}.{info.name}")
+    import_submodules("dinoreg.commands")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

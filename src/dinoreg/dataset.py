@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from dinoreg.errors import DinoregError
+from dinoreg.io.atomic import atomic_write, write_json_atomic
 from dinoreg.io.learn2reg import Pair, load_dataset
 
 RECORDS = "pairs"
@@ -82,37 +83,6 @@ def record_path(outdir: str | os.PathLike, stem: str) -> Path:
 
 
 # --------------------------------------------------------------------------- small file helpers
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def publish(tmp: Path, path: Path) -> Path:
-    """Rename a finished temporary file into place with ordinary permissions (``0666 & ~umask``;
-    ``mkstemp`` creates 0600)."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-    return path
-
-
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    """Write JSON under a temporary name in the same folder, fsync, then rename."""
-    from dinoreg.io.images import atomic_path
-
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
 
 def _log_event(outdir: str | os.PathLike, event: str, stem: str, **extra: Any) -> None:
     """Append one line to ``runs.jsonl`` (O_APPEND: lines from several workers do not mix)."""
@@ -208,10 +178,9 @@ def _register_pair(job: PairJob) -> dict[str, Any]:
 
         metrics = evaluate_pair(result.disp)
     save_image(result.disp, result.fixed.affine, out / p.disp_name)
-    os.chmod(out / p.disp_name, 0o666 & ~_umask())
     qc_rel = None
     if cfg.qc:
-        from dinoreg.report import qc_figure
+        from dinoreg.qc import qc_figure
 
         qc_rel = f"{QC}/{job.stem}.png"
         qc_figure(result.fixed.array, _moving_on_fixed_grid(p, result.fixed), result.warped, result.disp,
@@ -219,6 +188,7 @@ def _register_pair(job: PairJob) -> dict[str, Any]:
                   affine=result.fixed.affine)
     return {"status": "done", "index": job.index, "pair": job.stem, "fixed": str(p.fixed), "moving": str(p.moving),
             "disp": p.disp_name, "qc": qc_rel, "preset": cfg.preset, "overrides": to_jsonable(cfg.overrides),
+            "settings": result.settings,
             "metrics": to_jsonable(metrics), "timings": {k: round(v, 3) for k, v in result.timings.items()},
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
 
@@ -296,14 +266,16 @@ def run_dataset(dataset_json: str | os.PathLike, split: str, config: RunConfig, 
     from tqdm.auto import tqdm
 
     from dinoreg.executors import run_jobs
+    from dinoreg.presets import resolve
 
+    resolve(config.preset, config.overrides)  # bad settings: one error before any work
+    jobs = plan(dataset_json, split, config)
     out = Path(config.outdir)
     try:
         for folder in (out, out / RECORDS, out / QC):
             folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DinoregError(f"cannot create output directory ({exc.strerror})", out) from exc
-    jobs = plan(dataset_json, split, config)
     if threads <= 0 and workers > 1:  # no oversubscription: share the cores between the workers
         threads = max(1, (os.cpu_count() or 1) // workers)
     with folder_lock(out):
@@ -326,34 +298,18 @@ def run_dataset(dataset_json: str | os.PathLike, split: str, config: RunConfig, 
 
 # --------------------------------------------------------------------------- tables
 
-def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:
-    """Flat scalar metrics of one pair: ``dice/3``, ``tre_mm/2``, ``dice_mean``, ..."""
-    flat: dict[str, float | None] = {}
-    for key, value in metrics.items():
-        if isinstance(value, Mapping):
-            items = [(f"{key}/{k}", v) for k, v in value.items()]
-        elif isinstance(value, (list, tuple)):
-            items = [(f"{key}/{n + 1}", v) for n, v in enumerate(value)]
-        else:
-            items = [(key, value)]
-        for name, v in items:
-            if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
-                flat[name] = None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
-    return flat
-
-
 HEADLINE = ("dice_mean", "hd95_vox_mean", "hd95_mm_mean", "tre_mm_mean", "sdlogj", "folding_fraction")
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    from dinoreg.io.images import atomic_path
+    """A CSV table, written atomically; ``None`` and NaN cells are left empty."""
+    def cell(v: Any) -> Any:
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
-    tmp = atomic_path(path)
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
-        writer.writerows([["" if v is None else v for v in row] for row in rows])
-    publish(tmp, path)
+        writer.writerows([[cell(v) for v in row] for row in rows])
 
 
 def write_tables(outdir: str | os.PathLike, stems: Sequence[str] | None = None, split: str | None = None,
@@ -362,14 +318,14 @@ def write_tables(outdir: str | os.PathLike, stems: Sequence[str] | None = None, 
 
     ``stems`` (the split's pairs, in order) defaults to every record in ``outdir/pairs``.
     """
-    from dinoreg.metrics import aggregate, to_jsonable
+    from dinoreg.metrics import aggregate, flatten, to_jsonable
 
     out = Path(outdir)
     if stems is None:
         stems = sorted((p.stem for p in (out / RECORDS).glob("*.json") if not p.name.startswith(".")),
                        key=lambda s: (json.loads((out / RECORDS / f"{s}.json").read_text()).get("index", 0), s))
     records = [r for r in (read_record(out, s) for s in stems) if r is not None]
-    flats = [scalar_metrics(r["metrics"]) for r in records]
+    flats = [flatten(r["metrics"]) for r in records]
     columns = [c for c in HEADLINE if any(c in f for f in flats)]
     columns += [c for c in dict.fromkeys(k for f in flats for k in f) if c not in columns]
     _write_csv(out / "metrics.csv", ["pair", "fixed", "moving", "disp", "seconds"] + columns,

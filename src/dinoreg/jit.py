@@ -1,5 +1,7 @@
 """Optional numba JIT for the fused CPU kernels (``dinoreg.optim.cpu_kernels``, MIND).
 
+``dinoreg.warmup.warm_up`` compiles them all once (``make setup``).
+
 numba is a dependency, but every kernel has a torch twin (used on GPU and as the test
 reference), so without numba dinoreg still runs, only slower on CPU. Kernels compile on first
 use and are cached next to their module (``make setup`` compiles them once).
@@ -52,28 +54,3 @@ def fused_cpu_for(device: torch.device | str, dtype: torch.dtype) -> bool:
 def fused_cpu(tensor: torch.Tensor) -> bool:
     """Whether a fused CPU kernel should handle ``tensor`` (see :func:`fused_cpu_for`)."""
     return fused_cpu_for(tensor.device, tensor.dtype)
-
-
-def warm_up() -> float:
-    """Compile (or load from the cache) every fused kernel by registering a small synthetic pair.
-
-    Returns the seconds it took. ``make setup`` runs it once so the first real registration
-    does not pay the compilation (about 20 s on 2 cores).
-    """
-    import time
-
-    import numpy as np
-
-    from dinoreg.api import register
-    from dinoreg.optim import cpu_kernels
-
-    start = time.perf_counter()
-    grid = np.indices((24, 26, 28), dtype=np.float32)
-    fixed = np.sin(grid[0] / 3.0) * np.cos(grid[1] / 4.0) + grid[2] / 28.0
-    moving = np.roll(fixed, 1, axis=0)
-    register(fixed, moving, preset_name="mind", device="cpu", progress=False, iterations=2)
-    # the generic (not 12-channel) SSD-gradient kernel that learned encoders' features use
-    features = np.ascontiguousarray(np.stack([fixed] * 5, axis=-1))
-    cpu_kernels.ssd_gradient(features, features, torch.zeros(1, 3, *fixed.shape))
-    return time.perf_counter() - start
-

@@ -298,23 +298,29 @@ def evaluate_pair(disp: np.ndarray, fixed_seg: np.ndarray | None = None, moving_
 
 # --------------------------------------------------------------------------- many pairs
 
-def _flatten(pair: Mapping[str, Any]) -> dict[str, float]:
-    """Scalar metrics of one pair; per-label dicts become ``metric/label`` entries."""
+def flatten(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Scalar metrics of one pair, the one flattening every table uses: per-label dicts become
+    ``metric/label`` and lists ``metric/1``, ``metric/2``, ...; ``None`` and non-finite values
+    become NaN; anything else not numeric is left out."""
     flat: dict[str, float] = {}
-    for key, value in pair.items():
-        items = value.items() if isinstance(value, Mapping) else [(None, value)]
-        for label, v in items:
-            name = key if label is None else f"{key}/{label}"
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            items = [(f"{key}/{label}", v) for label, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            items = [(f"{key}/{n + 1}", v) for n, v in enumerate(value)]
+        else:
+            items = [(key, value)]
+        for name, v in items:
             if v is None:
                 flat[name] = float("nan")
             elif isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
-                flat[name] = float(v)
+                flat[name] = float(v) if math.isfinite(float(v)) else float("nan")
     return flat
 
 
 def _scalar_columns(per_pair: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
     """Per-pair values by metric, NaN where a pair lacks the metric."""
-    flats = [_flatten(p) for p in per_pair]
+    flats = [flatten(p) for p in per_pair]
     keys = list(dict.fromkeys(k for f in flats for k in f))
     return {k: [f.get(k, float("nan")) for f in flats] for k in keys}
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dinoreg.errors import DinoregError
+from dinoreg.spec import Spec, setting
 
 CT_WINDOWS = {"abdomen": (50.0, 400.0), "lung": (-600.0, 1500.0), "brain": (40.0, 80.0), "bone": (400.0, 1800.0)}
 
@@ -51,6 +52,33 @@ class Intensity:
     modality: str = "auto"
     ct_window: tuple[float, float] = CT_WINDOWS["abdomen"]
     mr_percentile: float = 99.5
+
+
+MODALITIES = ("auto", "ct", "mr", "none")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec(Spec):
+    """How both images are brought to ``[0, 1]`` and where their foreground is."""
+
+    fixed_modality: str = setting("auto", "fixed image: auto (CT window when it looks like HU, else MR clip), "
+                                          "ct, mr or none (min-max)", choices=MODALITIES)
+    moving_modality: str = setting("auto", "moving image: as fixed_modality", choices=MODALITIES)
+    ct_window: tuple[float, ...] = setting(CT_WINDOWS["abdomen"], "CT window (level, width) in HU", length=2,
+                                           low=-5000.0, high=10000.0)
+    mr_percentile: float = setting(99.5, "MR upper clip percentile of the non-zero voxels", low=0.0, low_open=True,
+                                   high=100.0)
+    mask_threshold: float = setting(0.05, "foreground threshold on the [0, 1] intensities (without a mask file)",
+                                    low=0.0, high=1.0, high_open=True)
+
+    def check(self) -> None:
+        if self.ct_window[1] <= 0:
+            raise DinoregError(f"setting 'ct_window' needs a positive width, got {self.ct_window[1]:g}")
+
+    def intensity(self, which: str) -> Intensity:
+        """The :class:`Intensity` of the ``"fixed"`` or ``"moving"`` image."""
+        modality = self.fixed_modality if which == "fixed" else self.moving_modality
+        return Intensity(modality, (float(self.ct_window[0]), float(self.ct_window[1])), self.mr_percentile)
 
 
 def looks_like_ct(array: np.ndarray) -> bool:

@@ -59,21 +59,23 @@ def take_slice(array: np.ndarray, spacing: np.ndarray, axis: int, index: int | N
 
 @_capture_args.handler
 def _capture(args: argparse.Namespace) -> int:
-    from dinoreg.api import _prepare_outdir, resolve_device
     from dinoreg.capture_range import basin, compute_curves, half_width, plot, rotations_deg, translations_mm, write_csv
-    from dinoreg.features.encoders2d import LOADERS, load_encoder2d
-    from dinoreg.io.images import as_image, atomic_path
+    from dinoreg.features.registry import encoder_entry, encoder_names, load_encoder2d
+    from dinoreg.io.atomic import atomic_path, publish
+    from dinoreg.io.images import as_image
+    from dinoreg.pipeline import resolve_device
     from dinoreg.preprocess import Intensity, normalise
+    from dinoreg.result import prepare_outdir
 
     for name in args.encoder:
-        if name not in LOADERS:
-            raise DinoregError(f"unknown 2D encoder {name!r}; choose from {', '.join(sorted(LOADERS))}")
+        if name not in encoder_names("slice"):
+            raise DinoregError(f"unknown 2D encoder {name!r}; choose from {', '.join(encoder_names('slice'))}")
     if args.weights and len(args.encoder) > 1:
         raise DinoregError("--weights applies to one --encoder only")
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise DinoregError("output must be a .png file", out)
-    _prepare_outdir(out.parent if str(out.parent) else ".")
+    prepare_outdir(out.parent if str(out.parent) else ".")
     img = as_image(args.image, "image")
     sl, spacing = take_slice(img.array, img.spacing, args.slice_axis, args.slice)
     grey = normalise(np.ascontiguousarray(sl, dtype=np.float32), Intensity(args.modality), img.name)
@@ -93,7 +95,8 @@ def _capture(args: argparse.Namespace) -> int:
         for name in args.encoder:
             if bar is not None:
                 bar.set_postfix(encoder=name)
-            enc = load_encoder2d(name, args.weights, device)
+            spec = encoder_entry(name).spec(**({"weights": args.weights} if args.weights else {}))
+            enc = load_encoder2d(name, spec, device)
             curves += compute_curves(enc, grey, spacing, angles_deg=angles, shifts_mm=shifts,
                                      translation_axis=args.translation_axis,
                                      upsample=args.upsample, label=name,
@@ -107,8 +110,8 @@ def _capture(args: argparse.Namespace) -> int:
     title = f"{img.name}: slice {sl.shape}, spacing {spacing[0]:.2f}x{spacing[1]:.2f} mm, translation along axis {args.translation_axis}"
     plot(curves, tmp_png, title=title, normalise=not args.raw)
     write_csv(curves, tmp_csv)
-    tmp_png.replace(out)
-    tmp_csv.replace(csv_path)
+    publish(tmp_png, out)
+    publish(tmp_csv, csv_path)
     for c in curves:
         for dist in ("l1", "cos"):
             left, right = basin(c.values[dist], c.params)

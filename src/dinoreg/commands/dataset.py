@@ -3,26 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-from typing import Any
 
-from dinoreg.cli import command, parse_label_list
+from dinoreg.cli import add_set_option, command, parse_label_list, parse_overrides
 from dinoreg.errors import DinoregError
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["iterations=10", "similarity=lcc"]`` -> ``{"iterations": 10, "similarity": "lcc"}``
-    (values read as JSON when they parse, else kept as strings)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise DinoregError(f"--set expects KEY=VALUE, got {item!r}", "--set")
-        try:
-            out[key.strip()] = json.loads(value)
-        except ValueError:
-            out[key.strip()] = value
-    return out
 
 
 @command("dataset", "register and score every pair of a Learn2Reg dataset split (resumable)")
@@ -32,8 +15,7 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
                    help="registration_val, registration_test or training_paired_images")
     p.add_argument("-o", "--output", required=True, help="output folder (fields, records, tables, QC)")
     p.add_argument("--preset", default="mind", help="settings bundle (mind, convexadam, dinoreg, ...)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
-                   help="override a preset key, e.g. --set iterations=20 (repeatable)")
+    add_set_option(p)
     p.add_argument("--labels", help="labels to score: comma list or .npz/.txt (default: dataset.json labels)")
     p.add_argument("--workers", type=int, default=1, help="pairs in parallel (default 1, in this process)")
     p.add_argument("--executor", default="local", choices=["local", "ray"],
@@ -52,15 +34,20 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
 @_dataset_args.handler
 def _dataset(args: argparse.Namespace) -> int:
     from dinoreg.dataset import RunConfig, run_dataset, summary_lines
-    from dinoreg.presets import preset
+    from dinoreg.pipeline import resolve_device
+    from dinoreg.presets import resolve
 
-    preset(args.preset)  # unknown preset: one-line error before any work
+    overrides = parse_overrides(args.overrides)
+    resolve(args.preset, {**overrides, "seed": args.seed})  # bad settings: one error before any work
+    resolve_device(args.device)
     labels = parse_label_list(args.labels)
-    config = RunConfig(outdir=args.output, preset=args.preset, overrides=parse_overrides(args.overrides),
+    config = RunConfig(outdir=args.output, preset=args.preset, overrides=overrides,
                        eval_labels=tuple(labels) if labels else None, device=args.device, seed=args.seed,
                        qc=not args.no_qc)
     if args.cache_size_gb <= 0:
         raise DinoregError("--cache-size-gb must be positive", "--cache-size-gb")
+    if args.workers < 1 or args.threads < 0:
+        raise DinoregError("--workers must be >= 1 and --threads >= 0")
     summary = run_dataset(args.dataset_json, args.split, config, workers=args.workers, executor=args.executor,
                           ray_address=args.ray_address, cache_dir=args.cache_dir,
                           cache_bytes=int(args.cache_size_gb * 2**30), cache_half=args.cache_float16,

@@ -15,15 +15,6 @@ import numpy as np
 from dinoreg.cli import command
 
 
-def feature_affine(image_affine: np.ndarray, image_shape: tuple[int, ...], grid: tuple[int, ...]) -> np.ndarray:
-    """Voxel-to-world affine of a cell-centred feature grid covering the image."""
-    scale = np.array([i / n for i, n in zip(image_shape, grid)], dtype=np.float64)
-    to_image = np.eye(4)
-    to_image[:3, :3] = np.diag(scale)
-    to_image[:3, 3] = (scale - 1.0) / 2.0
-    return image_affine @ to_image
-
-
 @command("encode", "write an encoder's PCA-reduced feature volume of IMAGE (for viewing)")
 def _encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("image")

@@ -11,16 +11,24 @@ Two kinds of encoder exist:
 * A volumetric encoder - ``encode(volume) -> (C, I', J', K')``: a feature volume covering the
   same field of view as the ``(I, J, K)`` input, cell-centred (feature voxel ``a`` along an axis
   of ``n`` covers input ``[a*I/n, (a+1)*I/n)``). MIND returns features on the image grid itself.
+
+Encoders reach registrations through :mod:`dinoreg.features.registry`; this module holds the
+types they share: their settings (:class:`EncoderSpec`, :class:`SlicewiseSpec`), what a pair
+encoder receives (:class:`EncodeRequest`) and returns (:class:`PairFeatures`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dinoreg.errors import DinoregError
+from dinoreg.progress import Progress
+from dinoreg.spec import Spec, setting
 
 
 @runtime_checkable
@@ -49,3 +57,71 @@ def square_rgb(grey: torch.Tensor, size: int, name: str) -> torch.Tensor:
         shrink = grey.shape[2] > size or grey.shape[3] > size
         grey = F.interpolate(grey, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
     return grey.expand(-1, 3, -1, -1)
+
+
+# --------------------------------------------------------------------------- what every encoder takes and gives
+
+@dataclass(frozen=True)
+class EncoderSpec(Spec):
+    """Settings of one encoder; each encoder module subclasses it with its own fields."""
+
+
+@dataclass(frozen=True)
+class SlicewiseSpec(EncoderSpec):
+    """Settings every 2D encoder shares when it is lifted to volumes slice by slice
+    (``features.slicewise_pair``): DINO-Reg's slicing, joint PCA and slice-match start."""
+
+    weights: str | None = setting(None, "encoder weights file (default: resolved from DINOREG_WEIGHTS_DIR / cache)")
+    upsample: float = setting(3.0, "in-plane slice upsampling before the encoder", low=0.0, low_open=True, high=16.0)
+    every: int = setting(3, "encode every k-th slice, interpolate the others", low=1)
+    slice_axis: object = setting("auto", "slicing array axis (auto: the one closest to superior-inferior)",
+                                 choices=("auto", 0, 1, 2))
+    batch_size: int = setting(8, "slices per forward pass", low=1)
+    pca_components: int = setting(24, "channels kept by the joint foreground PCA", low=1, high=4096)
+    slice_match: bool = setting(True, "cls-token slice-match translation as the initial field")
+    slice_match_pairs: int = setting(10, "most similar slice pairs averaged by the slice match", low=1)
+
+
+@dataclass
+class PairFeatures:
+    """Feature volumes of a pair (``(1, C, I', J', K')`` each, cell-centred over the image field
+    of view) and an optional initial field ``(1, 3, I, J, K)`` in voxels (pull-back)."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    init: torch.Tensor | None = None
+
+
+@dataclass
+class EncodeRequest:
+    """What a pair encoder receives.
+
+    Attributes:
+        fixed, moving: ``(I, J, K)`` float32 intensities in ``[0, 1]`` on the fixed grid (the same
+            object twice when one image is encoded, as ``dinoreg encode`` does).
+        fixed_mask, moving_mask: ``(I, J, K)`` boolean foregrounds.
+        affine: the fixed grid's voxel-to-RAS-mm affine ``(4, 4)``.
+        device: where the features are computed.
+        progress: progress reporter.
+        spec: this encoder's settings (its own :class:`EncoderSpec` subclass).
+        seed: the registration's seed (randomised PCA and the like).
+        cell_sizes: cell sizes (voxels) of the method's stages: an encoder may pool its output
+            over any common divisor of them without changing what the stages see.
+    """
+
+    fixed: np.ndarray
+    moving: np.ndarray
+    fixed_mask: np.ndarray
+    moving_mask: np.ndarray
+    affine: np.ndarray
+    device: torch.device
+    progress: Progress
+    spec: EncoderSpec
+    seed: int = 0
+    cell_sizes: tuple[int, ...] = (1,)
+
+    def images(self) -> tuple[tuple[str, np.ndarray], ...]:
+        """``(("fixed", array), ("moving", array))``, or only the fixed one when both are the same."""
+        if self.moving is self.fixed:
+            return (("fixed", self.fixed),)
+        return (("fixed", self.fixed), ("moving", self.moving))

@@ -30,14 +30,19 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dinoreg.errors import DinoregError
+from dinoreg.features.base import SlicewiseSpec
+from dinoreg.features.registry import slice_encoder
 from dinoreg.features.weights import resolve_weights
+from dinoreg.spec import setting
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -443,3 +448,30 @@ def load_dinov2(arch: str | None = None, weights: str | os.PathLike | None = Non
     model = DINOv2(arch_config(name), name=f"dinov2_{name}")
     load_into(model, sd, path, name)
     return model.eval().requires_grad_(False).to(device)
+
+
+# ----------------------------------------------------------------------------- the registered encoder
+
+
+@dataclass(frozen=True)
+class DINOv2Spec(SlicewiseSpec):
+    """DINO-Reg settings of the DINOv2 slice encoder (ViT-S/14 unless the weights say otherwise)."""
+
+    name: ClassVar[str] = "dinov2"
+    arch: str | None = setting(None, "DINOv2 size: vits14, vitb14, vitl14, vitg14 (+ _reg4 for register "
+                                     "variants); none infers it from the weights")
+
+    def check(self) -> None:
+        if self.arch is not None:
+            normalise_arch(self.arch)
+
+
+@lru_cache(maxsize=2)
+def cached_model(arch: str | None, weights: str | None, device: str) -> DINOv2:
+    """Load a DINOv2 once per process (weights resolved as ``features.weights`` describes)."""
+    return load_dinov2(arch, weights, device=device)
+
+
+@slice_encoder("dinov2", DINOv2Spec, "DINOv2 ViT slice features (DINO-Reg; Oquab et al. 2023)")
+def _load(spec: DINOv2Spec, device: str) -> DINOv2:
+    return cached_model(spec.arch, spec.weights, device)

@@ -15,11 +15,17 @@ torch.
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinoreg.features.base import EncodeRequest, EncoderSpec, PairFeatures
+from dinoreg.features.registry import volume_encoder
+from dinoreg.spec import setting
 from dinoreg.jit import fused_cpu, helper, kernel, prange, use_torch_threads
 
 _FACES = [(-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1)]
@@ -263,3 +269,43 @@ def _mind_pooled(volume: np.ndarray, first: np.ndarray, second: np.ndarray, radi
                     target = out[c, ic, jc]
                     for kc in range(out.shape[3]):
                         target[kc] /= count_ij * min(pool, d - kc * pool)
+
+
+# --------------------------------------------------------------------------- the registered encoder
+
+@dataclass(frozen=True)
+class MindSpec(EncoderSpec):
+    """MIND-SSC settings (voxels of the image grid)."""
+
+    name: ClassVar[str] = "mind"
+    mind_radius: int = setting(1, "patch radius of the self-similarity distances, voxels", low=1, high=4)
+    mind_dilation: int = setting(2, "distance between the six-neighbourhood pairs, voxels", low=1, high=8)
+    mind_downsample: int = setting(1, "compute on the image average-pooled by this factor (dilation divided alike)",
+                                   low=1, high=4)
+    mind_pool: int = setting(2, "average the descriptor over cells of p voxels (memory / p^3); capped by the "
+                                "gcd of the method's cell sizes", low=1, high=8)
+
+
+def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)[None, None]
+
+
+@volume_encoder("mind", MindSpec, "MIND-SSC, 12 hand-crafted self-similarity channels (Heinrich et al.)")
+def mind_pair(req: EncodeRequest) -> PairFeatures:
+    """MIND-SSC of both images on the image grid (pooled over ``mind_pool`` cells when the
+    method's cells allow it, exactly what its cell grids would average anyway)."""
+    spec: MindSpec = req.spec  # type: ignore[assignment]
+    down = spec.mind_downsample
+    pool = math.gcd(spec.mind_pool, *req.cell_sizes)  # pooling must not cross any stage's cells
+    out = []
+    images = req.images()
+    with torch.no_grad(), req.progress.stage("MIND-SSC", total=len(images)) as step:
+        for _, array in images:
+            image = _to_tensor(array, req.device)
+            if down > 1 and min(image.shape[2:]) >= 2 * down:
+                image = F.avg_pool3d(image, down, stride=down, ceil_mode=True)
+                out.append(mind_ssc(image, spec.mind_radius, max(1, spec.mind_dilation // down)))
+            else:
+                out.append(mind_ssc(image, spec.mind_radius, spec.mind_dilation, pool=pool))
+            step(1)
+    return PairFeatures(out[0], out[-1])

@@ -1,117 +1,114 @@
-"""Encoders by name: each turns a normalised fixed/moving pair into feature volumes.
+"""One registry of encoders by name, filled by the modules of ``dinoreg.features`` themselves.
 
-A registered *pair encoder* takes the two images (numpy ``(I, J, K)`` float32 in ``[0, 1]``, on
-the same grid) and their foreground masks, and returns a :class:`PairFeatures`: the two feature
-volumes ``(1, C, I', J', K')`` covering the image field of view (cell-centred), and optionally an
-initial displacement ``(1, 3, I, J, K)`` in voxels (DINO-Reg's slice-match translation).
-Encoders that need a joint step (PCA of fixed + moving features) do it here.
+Two kinds of encoder register here:
+
+* a **volume encoder** (``@volume_encoder("mind", MindSpec, "...")`` on a function
+  ``EncodeRequest -> PairFeatures``): it turns a normalised pair into feature volumes itself
+  (MIND-SSC, the 3D ViT);
+* a **slice encoder** (``@slice_encoder("dinov2", DINOv2Spec, "...")`` on a loader
+  ``(spec, device) -> Encoder2D``): a frozen 2D network. It feeds the feature-volume methods
+  through the one generic slicewise pair encoder (``features.slicewise_pair``: slices, joint
+  PCA, slice-match start) and the FFD loss directly.
+
+Every module of the ``dinoreg.features`` package is imported once, the first time a name is
+looked up, so adding an encoder means writing one module there (see the README's development
+section). The spec class owns the encoder's settings and their defaults.
 """
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
-from typing import Any, Callable
+from functools import partial
+from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dinoreg.errors import DinoregError
-from dinoreg.features.mind import mind_ssc
-from dinoreg.progress import Progress
-
-
-@dataclass
-class PairFeatures:
-    """Feature volumes of a pair (``(1, C, I', J', K')`` each) and an optional initial field."""
-
-    fixed: torch.Tensor
-    moving: torch.Tensor
-    init: torch.Tensor | None = None
-
-
-@dataclass
-class EncodeRequest:
-    """What a pair encoder receives. Arrays are ``(I, J, K)``; masks boolean."""
-
-    fixed: np.ndarray
-    moving: np.ndarray
-    fixed_mask: np.ndarray
-    moving_mask: np.ndarray
-    affine: np.ndarray
-    device: torch.device
-    progress: Progress
-    options: dict[str, Any]
-
+from dinoreg.plugins import import_submodules
+from dinoreg.features.base import Encoder2D, EncodeRequest, EncoderSpec, PairFeatures, SlicewiseSpec
 
 PairEncoder = Callable[[EncodeRequest], PairFeatures]
-_REGISTRY: dict[str, PairEncoder] = {}
+Loader2D = Callable[[EncoderSpec, str], Encoder2D]
 
 
-def register_encoder(name: str) -> Callable[[PairEncoder], PairEncoder]:
-    """Decorator adding a pair encoder under ``name``."""
+@dataclass(frozen=True)
+class EncoderEntry:
+    """A registered encoder.
+
+    Attributes:
+        name: what ``--features`` accepts.
+        spec: its settings class (defaults included).
+        description: one line for help texts and ``dinoreg presets``.
+        encode_pair: normalised pair -> feature volumes (for ConvexAdam and ``dinoreg encode``).
+        load_2d: for slice encoders, ``(spec, device) -> Encoder2D`` (FFD, capture range).
+    """
+
+    name: str
+    spec: type[EncoderSpec]
+    description: str
+    encode_pair: PairEncoder
+    load_2d: Loader2D | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"slice"`` (a 2D network lifted slice by slice) or ``"volume"``."""
+        return "slice" if self.load_2d is not None else "volume"
+
+
+_ENTRIES: dict[str, EncoderEntry] = {}
+
+
+def _add(entry: EncoderEntry) -> None:
+    if entry.name in _ENTRIES and _ENTRIES[entry.name].encode_pair is not entry.encode_pair:
+        raise ValueError(f"encoder {entry.name!r} is registered twice")
+    _ENTRIES[entry.name] = entry
+
+
+def volume_encoder(name: str, spec: type[EncoderSpec], description: str) -> Callable[[PairEncoder], PairEncoder]:
+    """Register ``fn(request) -> PairFeatures`` as the encoder ``name`` with settings ``spec``."""
 
     def wrap(fn: PairEncoder) -> PairEncoder:
-        _REGISTRY[name] = fn
+        _add(EncoderEntry(name, spec, description, fn))
         return fn
 
     return wrap
 
 
-def available_encoders() -> list[str]:
-    """Names accepted by ``--features`` (single names; ``a+b`` ensembles combine them)."""
-    _load_optional()
-    return sorted(_REGISTRY)
+def slice_encoder(name: str, spec: type[SlicewiseSpec], description: str) -> Callable[[Loader2D], Loader2D]:
+    """Register a 2D network loader ``fn(spec, device) -> Encoder2D`` as the encoder ``name``;
+    its pair encoder is the generic slicewise one."""
+    from dinoreg.features.slicewise_pair import slicewise_pair
+
+    def wrap(loader: Loader2D) -> Loader2D:
+        _add(EncoderEntry(name, spec, description, partial(slicewise_pair, loader), loader))
+        return loader
+
+    return wrap
 
 
-def get_encoder(name: str) -> PairEncoder:
-    """The pair encoder called ``name``; a :class:`DinoregError` listing the choices otherwise."""
-    _load_optional()
-    if name not in _REGISTRY:
-        raise DinoregError(f"unknown encoder {name!r}; choose from {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+def discover() -> None:
+    """Import every module of ``dinoreg.features`` once (each registers its encoders)."""
+    import_submodules("dinoreg.features")
 
 
-def _load_optional() -> None:
-    """Import the modules that register learned encoders (they need only torch)."""
-    import importlib
-
-    for module in ("dinoreg.features.dinov2_pair", "dinoreg.features.dino3d_pair"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+def encoder_names(kind: str | None = None) -> list[str]:
+    """Registered names, optionally only ``"slice"`` or ``"volume"`` encoders."""
+    discover()
+    return sorted(n for n, e in _ENTRIES.items() if kind is None or e.kind == kind)
 
 
-def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)[None, None]
+def encoder_entry(name: str) -> EncoderEntry:
+    """The entry called ``name``; a :class:`DinoregError` listing the registered names otherwise."""
+    discover()
+    if name not in _ENTRIES:
+        raise DinoregError(f"unknown encoder {name!r}; choose from {', '.join(encoder_names())}")
+    return _ENTRIES[name]
 
 
-@register_encoder("mind")
-def mind_pair(req: EncodeRequest) -> PairFeatures:
-    """MIND-SSC of both images. Options: ``mind_radius`` (1), ``mind_dilation`` (2) in voxels of
-    the image grid, ``mind_downsample`` (1 = image grid; 2 = computed on the 2x average-pooled
-    image with the dilation halved, 8x cheaper), ``mind_pool`` (1; p = the full-resolution
-    descriptor averaged over cells of p voxels, exactly what ConvexAdam's cell grids of a
-    multiple of p voxels would compute from it, 1/p^3 of the memory)."""
-    radius = int(req.options.get("mind_radius", 1))
-    dilation = int(req.options.get("mind_dilation", 2))
-    down = int(req.options.get("mind_downsample", 1))
-    # pooling must not cross the cells of either ConvexAdam stage
-    pool = math.gcd(int(req.options.get("mind_pool", 1)), int(req.options.get("grid_sp", 1)),
-                    int(req.options.get("grid_sp_adam", 1)))
-    out = []
-    images = (req.fixed,) if req.moving is req.fixed else (req.fixed, req.moving)  # encode: one image
-    with torch.no_grad(), req.progress.stage("MIND-SSC", total=len(images)) as step:
-        for array in images:
-            image = _to_tensor(array, req.device)
-            if down > 1 and min(image.shape[2:]) >= 2 * down:
-                image = F.avg_pool3d(image, down, stride=down, ceil_mode=True)
-                out.append(mind_ssc(image, radius, max(1, dilation // down)))
-            else:
-                out.append(mind_ssc(image, radius, dilation, pool=pool))
-            step(1)
-    return PairFeatures(out[0], out[-1])
+def load_encoder2d(name: str, spec: EncoderSpec | None = None, device: str | torch.device = "cpu") -> Encoder2D:
+    """A frozen 2D network by name (its default settings unless ``spec`` is given)."""
+    entry = encoder_entry(name)
+    if entry.load_2d is None:
+        raise DinoregError(f"encoder {name!r} is not a 2D slice encoder; choose from "
+                           f"{', '.join(encoder_names('slice'))}")
+    return entry.load_2d(spec if spec is not None else entry.spec(), str(device))

@@ -32,16 +32,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dinoreg.errors import DinoregError, WeightsNotFoundError
-from dinoreg.features.base import square_rgb
+from dinoreg.features.base import SlicewiseSpec, square_rgb
 from dinoreg.features.checkpoint import load_strict, read_checkpoint
+from dinoreg.features.registry import slice_encoder
 from dinoreg.features.tinyvit import sam_neck
+from dinoreg.spec import setting
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -263,3 +267,38 @@ def load_sam(flavour: str = "sam", path: str | os.PathLike | None = None, input_
     enc = SAMEncoder(flavour, input_size, cfg)
     load_strict(enc.vit, read_checkpoint(file), "image_encoder.", file)
     return enc.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- the registered encoders
+
+
+@dataclass(frozen=True)
+class SAMSpec(SlicewiseSpec):
+    """SAM ViT-B image-encoder settings (slices are squashed to 1024 x 1024: 64 x 64 features,
+    resampled onto the slice's own patch grid)."""
+
+    name: ClassVar[str] = "sam"
+    upsample: float = setting(4.0, "in-plane slice upsampling (sets the patch grid the 64 x 64 features are "
+                                   "resampled onto)", low=0.0, low_open=True, high=16.0)
+
+
+@dataclass(frozen=True)
+class MedSAMSpec(SAMSpec):
+    """MedSAM (SAM ViT-B fine-tuned on medical images) settings."""
+
+    name: ClassVar[str] = "medsam"
+
+
+@lru_cache(maxsize=2)
+def _cached(flavour: str, weights: str | None, device: str) -> SAMEncoder:
+    return load_sam(flavour, weights).to(device)
+
+
+@slice_encoder("sam", SAMSpec, "Segment Anything ViT-B image encoder (Kirillov et al. 2023)")
+def _load_sam(spec: SAMSpec, device: str) -> SAMEncoder:
+    return _cached("sam", spec.weights, device)
+
+
+@slice_encoder("medsam", MedSAMSpec, "MedSAM ViT-B image encoder (Ma et al. 2024)")
+def _load_medsam(spec: MedSAMSpec, device: str) -> SAMEncoder:
+    return _cached("medsam", spec.weights, device)

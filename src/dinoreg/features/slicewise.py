@@ -19,7 +19,7 @@ cell-centred feature volume ``(C, I', J', K')`` over the image's field of view, 
 Only every ``every``-th slice is encoded (``0, every, 2*every, ...`` and always the last one);
 features of the other slices are linear interpolations of the two neighbouring encoded slices.
 The cls token of each encoded slice is kept, with its slice index, for slice matching
-(:mod:`dinoreg.optim.slice_match`).
+(:mod:`dinoreg.features.slice_match`).
 """
 
 from __future__ import annotations
@@ -162,6 +162,9 @@ def encode_volume(volume: np.ndarray | torch.Tensor, encoder: Encoder2D, axis: i
                           desc=f"{encoder.name} x{upsample:g}/{every}", unit="batch"):
             batch = slices[indices[start:start + batch_size]].to(device)
             patches, cls = _encode_batch(encoder, batch, size)
+            if tuple(patches.shape[-2:]) != (h, w):  # encoders that squash slices to a fixed square (SAM)
+                patches = F.interpolate(patches, size=(h, w), mode="bilinear", align_corners=False,
+                                        antialias=patches.shape[-2] > h or patches.shape[-1] > w)
             feats.append(patches.float())
             tokens.append(None if cls is None else cls.float())
         encoded = torch.cat(feats)

@@ -37,15 +37,20 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dinoreg.errors import DinoregError, WeightsNotFoundError
-from dinoreg.features.base import square_rgb
+from dinoreg.features.base import SlicewiseSpec, square_rgb
 from dinoreg.features.checkpoint import load_strict, read_checkpoint
+from dinoreg.features.registry import slice_encoder
+from dinoreg.spec import setting
 
 WEIGHTS_FILE = "lite_medsam.pth"
 EMBED_DIMS = (64, 128, 160, 320)
@@ -307,3 +312,25 @@ def load_litemedsam(path: str | os.PathLike | None = None, input_size: int = 256
     model = LiteMedSAMEncoder(input_size)
     load_strict(model, read_checkpoint(file), "image_encoder.", file)
     return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- the registered encoder
+
+
+@dataclass(frozen=True)
+class LiteMedSAMSpec(SlicewiseSpec):
+    """LiteMedSAM (TinyViT-5M) settings; slices are squashed to 256 x 256 (64 x 64 features)."""
+
+    name: ClassVar[str] = "litemedsam"
+    upsample: float = setting(4.0, "in-plane slice upsampling (sets the patch grid the 64 x 64 features are "
+                                   "resampled onto)", low=0.0, low_open=True, high=16.0)
+
+
+@lru_cache(maxsize=2)
+def _cached(weights: str | None, device: str) -> LiteMedSAMEncoder:
+    return load_litemedsam(weights).to(device)
+
+
+@slice_encoder("litemedsam", LiteMedSAMSpec, "LiteMedSAM TinyViT-5M image encoder (distilled MedSAM)")
+def _load(spec: LiteMedSAMSpec, device: str) -> LiteMedSAMEncoder:
+    return _cached(spec.weights, device)

@@ -13,7 +13,6 @@ convention serves 2D and 3D.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from dinoreg.errors import DinoregError
+from dinoreg.io.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -215,17 +215,6 @@ def as_image(obj: Any, name: str = "<array>") -> Image:
     if hasattr(obj, "detach"):  # a torch tensor
         return as_image(obj.detach().cpu().numpy(), name)
     raise DinoregError(f"cannot use an object of type {type(obj).__name__} as an image", name)
-
-
-def atomic_path(path: str | os.PathLike) -> Path:
-    """A temporary sibling of ``path`` with the same suffixes, for write-then-rename."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix="".join(p.suffixes) or ".tmp", dir=p.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the renamed output gets the usual mode
-    return Path(tmp)
 
 
 def save_image(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:

@@ -22,7 +22,8 @@ from typing import Sequence
 import numpy as np
 
 from dinoreg.errors import DinoregError
-from dinoreg.io.images import Image, atomic_path
+from dinoreg.io.atomic import atomic_path
+from dinoreg.io.images import Image
 
 SPACES = ("voxel", "ras", "lps")
 _LPS = np.array([-1.0, -1.0, 1.0])

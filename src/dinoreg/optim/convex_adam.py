@@ -4,32 +4,24 @@ Features may be MIND-SSC on the image grid or a learned encoder's coarser volume
 brought onto cell grids of ``grid_sp`` voxels that tile the image exactly (the image grid is
 padded up to a multiple of the cell size, so cell ``c`` covers voxels ``[c*g, (c+1)*g)``).
 An optional initial field (e.g. the slice-match translation) is applied to the moving features
-first and composed with the result.
+first; the caller composes it with the result.
 
-Output: ``(1, 3, I, J, K)`` displacement in voxels of the fixed grid, pull-back convention.
+The stages (:class:`ConvexStage`, :class:`AdamStage`, :class:`SmoothStage`) are chained by
+``dinoreg.methods.convex_adam``; each returns ``(1, 3, I, J, K)`` voxels of the fixed grid,
+pull-back convention.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 from dinoreg.optim.convex import ConvexConfig, convex_optimise
 from dinoreg.optim.instance import InstanceConfig, InstanceOptimiser
+from dinoreg.pair import RegistrationPair
+from dinoreg.progress import Progress
 from dinoreg.spatial.grid import compose, resize_field, sample, warp
-
-
-@dataclass
-class ConvexAdamConfig:
-    """Both stages' settings; ``instance.iterations = 0`` skips the Adam stage."""
-
-    convex: ConvexConfig = field(default_factory=ConvexConfig)
-    instance: InstanceConfig = field(default_factory=InstanceConfig)
-    final_smoothing: int = 0
 
 
 def padded_shape(shape: tuple[int, ...], cell: int) -> tuple[int, ...]:
@@ -116,41 +108,72 @@ def pair_on_cells(feat_fix: torch.Tensor, feat_mov: torch.Tensor, image_shape: t
     return fix, mov
 
 
-def convex_adam(feat_fix: torch.Tensor, feat_mov: torch.Tensor, image_shape: tuple[int, int, int],
-                config: ConvexAdamConfig | None = None, init: torch.Tensor | None = None,
-                progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
-    """Register moving features to fixed features.
+def _features(pair: RegistrationPair) -> tuple[torch.Tensor, torch.Tensor]:
+    if pair.features is None:
+        raise ValueError("this stage needs the pair's feature volumes (encode the pair first)")
+    return pair.features.fixed.float(), pair.features.moving.float()
 
-    Args:
-        feat_fix, feat_mov: ``(1, C, I', J', K')`` feature volumes over the image field of view.
-        image_shape: ``(I, J, K)`` of the fixed image grid the result is defined on.
-        config: stage settings (ConvexAdam defaults when omitted).
-        init: optional ``(1, 3, I, J, K)`` initial field (voxels), composed with the result.
-        progress: called as ``progress(stage, step, total)``.
 
-    Returns:
-        ``(1, 3, I, J, K)`` float32 displacement in fixed-grid voxels (pull-back).
+class ConvexStage:
+    """The coupled convex discrete search on cells of ``config.grid_sp`` voxels.
+
+    Works on ``pair.features``, the moving ones pre-warped by ``pair.init``; a ``previous``
+    field pre-warps them further and is composed with the search result.
     """
-    cfg = config or ConvexAdamConfig()
-    notify = progress or (lambda stage, step, total: None)
-    g = cfg.convex.grid_sp
-    with torch.no_grad():
-        fix_c, mov_c = pair_on_cells(feat_fix, feat_mov, image_shape, g, init)
-        notify("convex", 0, 1)
-        coarse = convex_optimise(fix_c, mov_c, cfg.convex)
-        notify("convex", 1, 1)
-        disp = field_from_cells(coarse, image_shape, g)
-        del fix_c, mov_c, coarse
-    if cfg.instance.iterations > 0:
-        ga = cfg.instance.grid_sp
+
+    name = "convex"
+
+    def __init__(self, config: ConvexConfig) -> None:
+        self.config = config
+
+    def run(self, pair: RegistrationPair, previous: torch.Tensor | None,
+            progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
+        g, shape = self.config.grid_sp, pair.shape
+        feat_fix, feat_mov = _features(pair)
+        with torch.no_grad(), progress.stage("convex", total=1) as step:
+            fix_c, mov_c = pair_on_cells(feat_fix, feat_mov, shape, g, pair.init)
+            if previous is not None:
+                mov_c = warp(mov_c, field_to_cells(previous, shape, g))
+            coarse = convex_optimise(fix_c, mov_c, self.config)
+            del fix_c, mov_c
+            disp = field_from_cells(coarse, shape, g)
+            step(1)
+        return (disp if previous is None else compose(disp, previous)), {}
+
+
+class AdamStage:
+    """Adam instance optimisation of a dense field on cells of ``config.grid_sp`` voxels on
+    ``pair.features``, starting from ``previous`` (or zero)."""
+
+    name = "adam"
+
+    def __init__(self, config: InstanceConfig) -> None:
+        self.config = config
+
+    def run(self, pair: RegistrationPair, previous: torch.Tensor | None,
+            progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
+        ga, shape = self.config.grid_sp, pair.shape
+        feat_fix, feat_mov = _features(pair)
         with torch.no_grad():
-            fix_a, mov_a = pair_on_cells(feat_fix, feat_mov, image_shape, ga, init)
-            start = field_to_cells(disp, image_shape, ga)
-        total = cfg.instance.iterations
-        refined = InstanceOptimiser(cfg.instance).optimise(
-            fix_a, mov_a, start, progress=lambda it: notify("adam", it, total))
-        disp = field_from_cells(refined, image_shape, ga)
-    disp = final_smooth(disp, cfg.final_smoothing)
-    if init is not None:
-        disp = compose(disp, init)
-    return disp.float()
+            fix_a, mov_a = pair_on_cells(feat_fix, feat_mov, shape, ga, pair.init)
+            if previous is None:
+                previous = torch.zeros(1, 3, *shape, device=feat_fix.device, dtype=torch.float32)
+            start = field_to_cells(previous, shape, ga)
+        with progress.stage("adam", total=self.config.iterations) as step:
+            refined = InstanceOptimiser(self.config).optimise(fix_a, mov_a, start, progress=lambda it: step(1))
+        return field_from_cells(refined, shape, ga), {}
+
+
+class SmoothStage:
+    """Three passes of an odd mean filter of ``kernel`` voxels over the field so far."""
+
+    name = "smooth"
+
+    def __init__(self, kernel: int) -> None:
+        self.kernel = kernel
+
+    def run(self, pair: RegistrationPair, previous: torch.Tensor | None,
+            progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
+        if previous is None:
+            previous = torch.zeros(1, 3, *pair.shape, device=pair.device)
+        return final_smooth(previous, self.kernel), {}

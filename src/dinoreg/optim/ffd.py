@@ -121,7 +121,7 @@ class FFDRegistration:
     def __init__(self, encoder: Encoder2D | None = None, *, alpha: float = 0.0,
                  feature_distance: str = "cos", image_distance: str = "ncc",
                  grid_spacing: Spacing = 8.0, reg_weight: float = 0.1,
-                 iterations: int | Sequence[int] = 200, lr: float = 0.1,
+                 iterations: int | Sequence[int] = 100, lr: float = 0.1,
                  levels: Sequence[int] = (1,), slice_axis: int = -1, slice_stride: int = 1,
                  slice_batch: int = 8, feature_upsample: float = 1.0, balance: bool = True,
                  progress: bool = False) -> None:

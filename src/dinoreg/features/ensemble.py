@@ -1,0 +1,65 @@
+"""Ensembles of encoders (``--features a+b``): settings and the channel concatenation.
+
+``ensemble="concat"`` concatenates the encoders' channels into one optimisation;
+``ensemble="average"`` registers with each encoder and averages the fields with
+``ensemble_weights`` (done by the pipeline, :mod:`dinoreg.pipeline`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dinoreg.errors import DinoregError
+from dinoreg.features.base import PairFeatures
+from dinoreg.spec import Spec, setting
+
+
+@dataclass(frozen=True)
+class EnsembleSpec(Spec):
+    """How several encoders are combined."""
+
+    ensemble: str = setting("concat", "concat: one optimisation on all channels; average: one per encoder, "
+                                      "fields averaged", choices=("concat", "average"))
+    ensemble_weights: tuple[float, ...] | None = setting(
+        None, "one weight per encoder: concat block power (relative to the first) or field weight", low=0.0,
+        high=1e6)
+
+    def weights(self, n: int, features: str) -> list[float]:
+        """``n`` weights (all 1 by default); a :class:`DinoregError` when the count differs."""
+        if self.ensemble_weights is None:
+            return [1.0] * n
+        if len(self.ensemble_weights) != n:
+            raise DinoregError(f"setting 'ensemble_weights' needs {n} values for features {features!r}, "
+                               f"got {len(self.ensemble_weights)}")
+        if n > 1 and (self.ensemble_weights[0] <= 0 or sum(self.ensemble_weights) <= 0):
+            raise DinoregError("setting 'ensemble_weights' needs a positive first weight")
+        return [float(w) for w in self.ensemble_weights]
+
+
+def combine_features(parts: Sequence[PairFeatures], weights: Sequence[float]) -> PairFeatures:
+    """Ensemble by concatenating channels. The first encoder's block keeps its own scale (the
+    one its presets are tuned for); every other block is scaled so its mean squared norm per
+    voxel (over both images) is ``weight_i / weight_0`` times the first block's. Blocks are
+    brought to the finest grid among them. The first initial field found is kept."""
+    shape = max((tuple(p.fixed.shape[2:]) for p in parts), key=lambda s: int(np.prod(s)))
+    fixed, moving, reference = [], [], None
+    for part, weight in zip(parts, weights):
+        f, m = part.fixed, part.moving
+        if tuple(f.shape[2:]) != shape:
+            f = F.interpolate(f, size=shape, mode="trilinear", align_corners=False)
+            m = F.interpolate(m, size=shape, mode="trilinear", align_corners=False)
+        power = 0.5 * (f.pow(2).sum(1).mean() + m.pow(2).sum(1).mean())
+        if reference is None:
+            reference = power / weight
+            scale = torch.ones(())
+        else:
+            scale = torch.sqrt(weight * reference / power.clamp_min(1e-12))
+        fixed.append(f * scale)
+        moving.append(m * scale)
+    init = next((p.init for p in parts if p.init is not None), None)
+    return PairFeatures(torch.cat(fixed, 1), torch.cat(moving, 1), init)

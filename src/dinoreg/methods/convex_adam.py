@@ -1,0 +1,55 @@
+"""ConvexAdam (Siebert, Hansen & Heinrich): a coupled convex discrete search on coarse cells,
+then Adam instance optimisation of a dense field, on any encoder's feature volumes.
+
+Stages: :class:`~dinoreg.optim.convex_adam.ConvexStage` -> ``AdamStage`` -> (``SmoothStage``
+when ``final_smoothing`` > 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+from dinoreg.features.base import EncoderSpec
+from dinoreg.methods.registry import MethodSpec, method
+from dinoreg.optim.convex import ConvexConfig
+from dinoreg.optim.convex_adam import AdamStage, ConvexStage, SmoothStage
+from dinoreg.optim.instance import InstanceConfig
+from dinoreg.pair import Stage
+from dinoreg.spec import setting
+
+
+@dataclass(frozen=True)
+class ConvexAdamSpec(MethodSpec):
+    """Settings of both stages (defaults: the ``mind`` preset)."""
+
+    name: ClassVar[str] = "convexadam"
+    grid_sp: int = setting(6, "convex stage: cell size, voxels", low=1, high=32)
+    disp_hw: int = setting(4, "convex stage: search half-width, cells", low=0, high=16)
+    ic: bool = setting(True, "convex stage: inverse consistency")
+    grid_sp_adam: int = setting(2, "Adam stage: cell size, voxels", low=1, high=32)
+    iterations: int = setting(50, "Adam stage: iterations (0: the convex stage alone)", low=0, high=100000)
+    lr: float = setting(1.0, "Adam stage: learning rate, cells", low=0.0, low_open=True, high=1000.0)
+    lambda_weight: float = setting(1.25, "Adam stage: diffusion regulariser weight", low=0.0, high=1e6)
+    similarity: str = setting("ssd", "Adam stage: feature similarity", choices=("ssd", "lcc"))
+    param_factor: int = setting(1, "Adam stage: parameters on a grid this many times coarser", low=1, high=8)
+    final_smoothing: int = setting(0, "odd mean-filter size applied three times to the final field (0: off)",
+                                   low=0, high=31)
+
+    def cell_sizes(self) -> tuple[int, ...]:
+        return (self.grid_sp, self.grid_sp_adam)
+
+
+@method("convexadam", ConvexAdamSpec, "coupled convex search + Adam instance optimisation on feature volumes")
+def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = ()) -> list[Stage]:
+    """The stages for ``spec``."""
+    stages: list[Stage] = [
+        ConvexStage(ConvexConfig(grid_sp=spec.grid_sp, disp_hw=spec.disp_hw, inverse_consistent=spec.ic))]
+    if spec.iterations > 0:
+        stages.append(AdamStage(InstanceConfig(grid_sp=spec.grid_sp_adam, iterations=spec.iterations, lr=spec.lr,
+                                               lambda_weight=spec.lambda_weight, similarity=spec.similarity,
+                                               param_factor=spec.param_factor)))
+    if spec.final_smoothing > 1:
+        stages.append(SmoothStage(spec.final_smoothing))
+    return stages
+

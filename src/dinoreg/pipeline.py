@@ -1,0 +1,118 @@
+"""One registration from a spec: prepare the pair, encode it, run the method's stages.
+
+``prepare`` loads and checks both images (and masks), brings the moving image onto the fixed
+grid and normalises both as the spec's preprocessing says; ``encode`` runs every encoder of the
+spec; ``run`` chains the method's stages (``dinoreg.pair.run_stages``), once on the concatenated
+features or, for ``ensemble="average"``, once per encoder with the fields averaged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from dinoreg.errors import DinoregError
+from dinoreg.features.base import EncodeRequest, PairFeatures
+from dinoreg.features.ensemble import combine_features
+from dinoreg.features.registry import encoder_entry
+from dinoreg.io.images import Image, as_image, to_fixed_grid
+from dinoreg.methods.registry import method_entry
+from dinoreg.pair import RegistrationPair, run_stages
+from dinoreg.preprocess import check_mask, check_not_constant, normalise, threshold_mask
+from dinoreg.progress import Progress
+from dinoreg.registration_spec import RegistrationSpec
+
+ImageLike = Any  # path, Image, numpy array, nibabel or SimpleITK image
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DinoregError("--device cuda was asked for but no CUDA GPU is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise DinoregError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+@dataclass
+class PreparedPair:
+    """The pair for the stages and the images it came from."""
+
+    pair: RegistrationPair
+    fixed: Image
+    moving_original: Image
+    moving: Image  # on the fixed grid
+
+
+def _mask(mask: Image | None, normalised: np.ndarray, reference: Image, threshold: float, name: str) -> np.ndarray:
+    if mask is None:
+        return check_mask(threshold_mask(normalised, threshold), f"{name} (intensity threshold {threshold})")
+    if not mask.same_grid(reference) and mask.shape != reference.shape:
+        raise DinoregError(f"mask grid {mask.shape} does not match its image grid {reference.shape}", mask.name)
+    return check_mask(mask.array, mask.name)
+
+
+def prepare(fixed: ImageLike, moving: ImageLike, spec: RegistrationSpec, device: torch.device,
+            fixed_mask: ImageLike | None = None, moving_mask: ImageLike | None = None) -> PreparedPair:
+    """Load, check, resample and normalise a pair as ``spec.preprocess`` says."""
+    pre = spec.preprocess
+    fix_img = as_image(fixed, "fixed")
+    mov_orig = as_image(moving, "moving")
+    check_not_constant(mov_orig.array, mov_orig.name)
+    mov_img = to_fixed_grid(mov_orig, fix_img, order=1)
+    fix_norm = normalise(fix_img.array, pre.intensity("fixed"), fix_img.name)
+    mov_norm = normalise(mov_img.array, pre.intensity("moving"), mov_orig.name)
+    user_fmask = None if fixed_mask is None else as_image(fixed_mask, "fixed mask")
+    fmask = _mask(user_fmask, fix_norm, fix_img, pre.mask_threshold, fix_img.name)
+    mmask_img = None if moving_mask is None else to_fixed_grid(as_image(moving_mask, "moving mask"), fix_img, order=0)
+    mmask = _mask(mmask_img, mov_norm, fix_img, pre.mask_threshold, mov_orig.name)
+    pair = RegistrationPair(fix_norm, mov_norm, fmask, mmask, fmask if user_fmask is not None else None,
+                            fix_img.affine, tuple(float(s) for s in fix_img.spacing), device)  # type: ignore[arg-type]
+    return PreparedPair(pair, fix_img, mov_orig, mov_img)
+
+
+def encode(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -> list[PairFeatures]:
+    """One :class:`PairFeatures` per encoder of the spec."""
+    cells = spec.method.cell_sizes()
+    parts = []
+    for encoder in spec.encoders:
+        request = EncodeRequest(pair.fixed, pair.moving, pair.fixed_mask, pair.moving_mask, pair.affine, pair.device,
+                                progress, encoder, spec.seed, cells)
+        parts.append(encoder_entry(encoder.name).encode_pair(request))
+    return parts
+
+
+def run(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
+    """The registration field ``(1, 3, I, J, K)`` (voxels, pull-back) and seconds per step."""
+    entry = method_entry(spec.method.name)
+    stages = entry.build(spec.method, spec.encoders)
+    timings: dict[str, float] = {}
+    if not spec.method.uses_features:
+        field, timings = run_stages(stages, pair, progress)
+        return field, {**timings, "optimise": sum(timings.values())}
+    start = time.perf_counter()
+    parts = encode(spec, pair, progress)
+    timings["encode"] = time.perf_counter() - start
+    weights = spec.ensemble.weights(len(parts), spec.features or "")
+    if len(parts) > 1 and spec.ensemble.ensemble == "average":
+        fields = []
+        for part in parts:
+            field, stage_times = run_stages(stages, replace(pair, features=part, init=part.init), progress)
+            fields.append(field)
+            for key, seconds in stage_times.items():
+                timings[key] = timings.get(key, 0.0) + seconds
+        timings["optimise"] = sum(v for k, v in timings.items() if k != "encode")
+        return sum(w * f for w, f in zip(weights, fields)) / sum(weights), timings
+    features = parts[0] if len(parts) == 1 else combine_features(parts, weights)
+    field, stage_times = run_stages(stages, replace(pair, features=features, init=features.init), progress)
+    timings.update(stage_times)
+    timings["optimise"] = sum(stage_times.values())
+    return field, timings
