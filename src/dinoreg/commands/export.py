@@ -8,7 +8,7 @@ import sys
 from dinoreg.cli import command
 
 
-@command("export", "write a displacement field for ITK/ANTs/3D Slicer (LPS mm) or in RAS mm, optionally inverted")
+@command("export", "write a field for ITK/ANTs/3D Slicer (LPS mm) or in RAS mm, optionally inverted")
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("field", help="disp_*.nii.gz written by dinoreg register (voxels of the fixed grid)")
     p.add_argument("--fixed", required=True, help="fixed image (the field's grid and physical geometry)")
@@ -21,7 +21,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inverse", action="store_true",
                    help="export the inverse mapping (fixed-point iteration on the fixed grid; warps fixed onto moving)")
     p.add_argument("--iterations", type=int, default=100, help="--inverse: maximum fixed-point iterations")
-    p.add_argument("--quiet", action="store_true", help="no notes on stderr (the written path and the inverse residual are always printed)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no notes on stderr (the written path and the inverse residual are always printed)")
 
 
 @_export_args.handler
