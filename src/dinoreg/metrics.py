@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from dinoreg.errors import DinoregError
+from dinoreg.ndv import ndv as _ndv
 from dinoreg.surface_distance import robust_hausdorff, surface_distances
 
 LOG_JAC_OFFSET = 3.0  # the Learn2Reg evaluator adds 3 to detJ before clipping and log
@@ -265,7 +266,7 @@ def evaluate_pair(disp: np.ndarray, fixed_seg: np.ndarray | None = None, moving_
         a dict of plain Python values (per-label dicts keyed by the label as a string):
         ``dice``, ``dice_mean``, ``hd95_vox``, ``hd95_vox_mean``, ``hd95_mm``, ``hd95_mm_mean``
         (with segmentations), ``tre_mm`` (list), ``tre_mm_mean`` (with landmarks), and always
-        ``sdlogj``, ``folding_fraction``, ``jacobian_masked``. NaN/inf stay floats here;
+        ``sdlogj``, ``folding_fraction``, ``ndv_percent``, ``jacobian_masked``. NaN/inf stay floats here;
         :func:`to_jsonable` turns them into ``null``.
     """
     disp = _check_field(disp)
@@ -292,6 +293,7 @@ def evaluate_pair(disp: np.ndarray, fixed_seg: np.ndarray | None = None, moving_
     detj = jacobian_determinant(disp)
     out["sdlogj"] = _sdlogj_of(detj, fixed_mask)
     out["folding_fraction"] = _folding_of(detj, fixed_mask)
+    out["ndv_percent"] = _ndv(disp, fixed_mask)  # non-diffeomorphic volume, % (dinoreg.ndv)
     out["jacobian_masked"] = fixed_mask is not None
     return out
 
