@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from dinoreg.errors import DinoregError
-from dinoreg.io.images import LPS_TO_RAS, Image, atomic_path, load_image
+from dinoreg.io.atomic import atomic_write
+from dinoreg.io.images import LPS_TO_RAS, Image, load_image
 
 FORMATS = ("itk", "ants", "mm")
 ITK_FIELD_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")  # single-file formats (atomic rename)
@@ -214,7 +215,7 @@ def _check_output(path: Path, to: str) -> None:
 
 
 def _load_inputs(disp: Any, fixed: Any, moving: Any) -> tuple[Image, Image, Image | None]:
-    from dinoreg.api import load_field
+    from dinoreg.io.fields import load_field
     from dinoreg.io.images import as_image
 
     if isinstance(disp, (str, os.PathLike)):
@@ -289,26 +290,22 @@ def export_field(disp: Any, fixed: Any, output: str | os.PathLike, to: str = "it
         result.notes.append(f"{100 * frac:.1f}% of the fixed grid maps outside the moving image")
     if inverse:
         array, result.residual = invert_field(array, iterations=iterations, tol=tol)
-    tmp = None
     try:
-        tmp = atomic_path(out)
-        if to == "mm":
-            import nibabel as nib
+        with atomic_write(out) as tmp:
+            if to == "mm":
+                import nibabel as nib
 
-            img = nib.Nifti1Image(field_to_ras_mm(array, affine), np.asarray(affine, dtype=np.float64))
-            img.header.set_xyzt_units("mm")
-            nib.save(img, str(tmp))
-        else:
-            import SimpleITK as sitk
+                img = nib.Nifti1Image(field_to_ras_mm(array, affine), np.asarray(affine, dtype=np.float64))
+                img.header.set_xyzt_units("mm")
+                nib.save(img, str(tmp))
+            else:
+                import SimpleITK as sitk
 
-            sitk.WriteImage(field_to_itk(array, affine), str(tmp))
-        os.replace(tmp, out)
+                sitk.WriteImage(field_to_itk(array, affine), str(tmp))
+    except DinoregError:
+        raise
+    except OSError as exc:
+        raise DinoregError(f"cannot write ({exc.strerror or exc})", out) from exc
     except Exception as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        if isinstance(exc, DinoregError):
-            raise
-        if isinstance(exc, OSError):
-            raise DinoregError(f"cannot write ({exc.strerror or exc})", out) from exc
         raise DinoregError(f"cannot write ({type(exc).__name__}: {exc})", out) from exc
     return result
