@@ -17,6 +17,7 @@ from dinoreg.features.ensemble import EnsembleSpec
 from dinoreg.features.mind import MindSpec
 from dinoreg.methods.convex_adam import ConvexAdamSpec
 from dinoreg.methods.ffd import FFDSpec
+from dinoreg.methods.smoothed_adam import SmoothedAdamSpec
 from dinoreg.registration_spec import RegistrationSpec
 
 
@@ -47,6 +48,11 @@ def _presets() -> dict[str, Preset]:
                                 EnsembleSpec(ensemble="concat", ensemble_weights=(1.0, 0.05)))),
         Preset("dino3d", "3D ViT (Kats & Heinrich) trained by dinoreg: one 3D pass per image, joint PCA, ConvexAdam",
                RegistrationSpec(dino_convexadam, (Dino3DSpec(),))),
+        Preset("dinoreg-paper", "the DINO-Reg authors' published inference: ViT-L/14-reg4, 112x96 patches per "
+                                "slice, every 3rd slice, PCA 24, Adam alone on the full-resolution field (1000 it, "
+                                "lr 3, weight 2, smoothed 7x5 inside every iteration); GPU-sized",
+               RegistrationSpec(SmoothedAdamSpec(), (DINOv2Spec(arch="vitl14_reg4", patch_grid=(112, 96), every=3,
+                                                                slice_match=False),))),
         Preset("ffd", "B-spline FFD with NCC; add features=dinov2|litemedsam|sam|medsam and alpha > 0 for the "
                       "encoder feature distance (Kögl et al.)",
                RegistrationSpec(FFDSpec(), ())),

@@ -73,6 +73,9 @@ class SlicewiseSpec(EncoderSpec):
 
     weights: str | None = setting(None, "encoder weights file (default: resolved from DINOREG_WEIGHTS_DIR / cache)")
     upsample: float = setting(3.0, "in-plane slice upsampling before the encoder", low=0.0, low_open=True, high=16.0)
+    patch_grid: tuple[int, ...] | None = setting(None, "fixed patch grid (h, w) for every slice instead of "
+                                                       "upsample (DINO-Reg's script: 112 96)", length=2, low=1,
+                                                 high=512)
     every: int = setting(3, "encode every k-th slice, interpolate the others", low=1)
     slice_axis: object = setting("auto", "slicing array axis (auto: the one closest to superior-inferior)",
                                  choices=("auto", 0, 1, 2))

@@ -125,7 +125,8 @@ def _fill_between(out: torch.Tensor, encoded: torch.Tensor, indices: list[int]) 
 
 def encode_volume(volume: np.ndarray | torch.Tensor, encoder: Encoder2D, axis: int = 2, *,
                   upsample: float = 3.0, every: int = 3, batch_size: int = 8,
-                  device: str | torch.device = "cpu", progress: bool = False) -> SliceFeatures:
+                  device: str | torch.device = "cpu", progress: bool = False,
+                  grid: tuple[int, int] | None = None) -> SliceFeatures:
     """Encode a volume slice by slice with a 2D encoder.
 
     Args:
@@ -138,6 +139,8 @@ def encode_volume(volume: np.ndarray | torch.Tensor, encoder: Encoder2D, axis: i
         batch_size: slices per forward pass.
         device: ``"cpu"`` or ``"cuda"``; the returned tensors live there.
         progress: show a tqdm bar over batches.
+        grid: a fixed ``(h, w)`` patch grid for every slice instead of the one ``upsample``
+            gives (each slice is resized to ``(14h, 14w)`` pixels whatever its aspect).
 
     Returns:
         :class:`SliceFeatures` with the ``(C, I', J', K')`` volume described in the module
@@ -153,7 +156,7 @@ def encode_volume(volume: np.ndarray | torch.Tensor, encoder: Encoder2D, axis: i
         encoder.to(device)
     slices = vol.to(torch.float32).movedim(axis, 0)  # (N, H, W)
     n, height, width = slices.shape
-    h, w = patch_grid(height, width, upsample, encoder.patch_size)
+    h, w = patch_grid(height, width, upsample, encoder.patch_size) if grid is None else grid
     size = (h * encoder.patch_size, w * encoder.patch_size)
     indices = encoded_indices(n, every)
     feats, tokens = [], []

@@ -52,12 +52,15 @@ def encode_cached(array: np.ndarray, encoder: Encoder2D, axis: int, spec: Slicew
     from dinoreg.cache import cached
 
     settings = dict(arch=encoder.name, axis=axis, upsample=float(spec.upsample), every=int(spec.every))
+    if spec.patch_grid is not None:
+        settings["grid"] = list(spec.patch_grid)
     computed: list[SliceFeatures] = []
 
     def compute() -> SliceFeatures:
         if not computed:
             computed.append(encode_volume(array, encoder, axis, upsample=spec.upsample, every=spec.every,
-                                          batch_size=spec.batch_size, device=device, progress=progress))
+                                          batch_size=spec.batch_size, device=device, progress=progress,
+                                          grid=spec.patch_grid))
         return computed[0]
 
     def table() -> torch.Tensor:
