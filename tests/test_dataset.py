@@ -69,15 +69,19 @@ def test_dataset_killed_and_resumed(dev_dataset: Path, tmp_path: Path) -> None:
     args = ["dataset", str(dev_dataset), "--split", "val", "-o", str(out), *FAST]
     first = _cli(args)
     deadline = time.time() + 300
-    while not list((out / RECORDS).glob("*.json")):  # the first pair's done marker
+
+    def finished() -> set[str]:
+        # a pair is finished when its record exists (the run log's "done" line follows the record,
+        # so a kill can fall between the two); ".name.json.XXXX.json" are records being written
+        return {p.stem for p in (out / RECORDS).glob("*.json") if not p.name.startswith(".")}
+
+    while not finished():  # the first pair's done marker, not a temporary record being written
         assert first.poll() is None, first.communicate()
         assert time.time() < deadline
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    # a pair is finished when its record exists (the run log's "done" line follows the record,
-    # so a kill can fall between the two): count finished pairs from the records
-    done_before = {p.stem for p in (out / RECORDS).glob("*.json") if not p.name.startswith(".")}  # not temporaries
+    done_before = finished()
     assert 1 <= len(done_before) < 5
 
     second = _cli(args)
