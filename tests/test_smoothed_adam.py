@@ -60,3 +60,19 @@ def test_fixed_patch_grid_ignores_the_slice_size():
     volume = np.random.default_rng(0).random((30, 40, 5)).astype(np.float32)
     feats = encode_volume(volume, _Grid(), axis=2, grid=(12, 8), every=2)
     assert tuple(feats.features.shape) == (1, 12, 8, 5)
+
+
+def test_paper_preset_names_the_missing_vit_l_weights(tmp_path, capsys, monkeypatch):
+    from conftest import DATA
+    from dinoreg.cli import main
+    from dinoreg.features import dinov2
+
+    monkeypatch.setenv("DINOREG_OFFLINE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    dinov2.cached_model.cache_clear()
+    image = DATA / "totalsegmentator_examples" / "example_ct_sm.nii.gz"
+    code = main(["register", str(image), str(image), "-o", str(tmp_path / "o"), "--preset", "dinoreg-paper",
+                 "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "dinov2_vitl14_reg4_pretrain.pth" in err[0]
+    assert not (tmp_path / "o").exists()
