@@ -12,7 +12,7 @@ from dinoreg.cli import main
 from dinoreg.errors import DinoregError
 
 pytestmark = [needs_data, needs_weights]
-TINY = dict(preset_name="dinoreg-fast", upsample=1.0, every=8, iterations=5, progress=False)
+TINY = dict(preset_name="dinoreg", upsample=1.0, every=8, iterations=5, progress=False)
 
 
 def test_dinov2_registration_recovers_a_shift(brain_volume):

@@ -45,7 +45,14 @@ def combine_features(parts: Sequence[PairFeatures], weights: Sequence[float]) ->
     """Ensemble by concatenating channels. The first encoder's block keeps its own scale (the
     one its presets are tuned for); every other block is scaled so its mean squared norm per
     voxel (over both images) is ``weight_i / weight_0`` times the first block's. Blocks are
-    brought to the finest grid among them. The first initial field found is kept."""
+    brought to the finest grid among them. The first initial field found is kept. A block of
+    weight 0 after the first contributes only its initial field (its channels are left out, so
+    e.g. MIND keeps its fast 12-channel kernels)."""
+    init = next((p.init for p in parts if p.init is not None), None)
+    kept = [(p, w) for n, (p, w) in enumerate(zip(parts, weights)) if n == 0 or w > 0]
+    if len(kept) == 1:
+        return PairFeatures(kept[0][0].fixed, kept[0][0].moving, init)
+    parts, weights = [p for p, _ in kept], [w for _, w in kept]
     shape = max((tuple(p.fixed.shape[2:]) for p in parts), key=lambda s: int(np.prod(s)))
     fixed, moving, reference = [], [], None
     for part, weight in zip(parts, weights):
@@ -61,5 +68,4 @@ def combine_features(parts: Sequence[PairFeatures], weights: Sequence[float]) ->
             scale = torch.sqrt(weight * reference / power.clamp_min(1e-12))
         fixed.append(f * scale)
         moving.append(m * scale)
-    init = next((p.init for p in parts if p.init is not None), None)
     return PairFeatures(torch.cat(fixed, 1), torch.cat(moving, 1), init)

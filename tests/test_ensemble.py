@@ -1,0 +1,29 @@
+"""Ensembles by channel concatenation (features.ensemble)."""
+
+from __future__ import annotations
+
+import torch
+
+from dinoreg.features.base import PairFeatures
+from dinoreg.features.ensemble import combine_features
+from dinoreg.presets import PRESETS
+
+
+def _part(channels: int, value: float, init: torch.Tensor | None = None) -> PairFeatures:
+    return PairFeatures(torch.full((1, channels, 4, 5, 6), value), torch.full((1, channels, 4, 5, 6), value), init)
+
+
+def test_blocks_are_scaled_to_their_weight_relative_to_the_first():
+    out = combine_features([_part(12, 1.0), _part(24, 5.0)], [1.0, 0.25])
+    assert out.fixed.shape[1] == 36
+    first = out.fixed[:, :12].pow(2).sum(1).mean()
+    second = out.fixed[:, 12:].pow(2).sum(1).mean()
+    torch.testing.assert_close(second / first, torch.tensor(0.25))
+
+
+def test_a_zero_weight_block_gives_only_its_initial_field():
+    init = torch.ones(1, 3, 4, 5, 6)
+    out = combine_features([_part(12, 1.0), _part(24, 5.0, init)], [1.0, 0.0])
+    assert out.fixed.shape[1] == 12 and out.init is init
+    spec = PRESETS["dinoreg-fast"].spec  # MIND + DINOv2's slice-match start
+    assert [e.name for e in spec.encoders] == ["mind", "dinov2"] and spec.ensemble.ensemble_weights == (1.0, 0.0)
