@@ -92,27 +92,27 @@ def encode(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -
 
 def run(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
     """The registration field ``(1, 3, I, J, K)`` (voxels, pull-back) and seconds per step."""
-    entry = method_entry(spec.method.name)
-    stages = entry.build(spec.method, spec.encoders)
+    stages = method_entry(spec.method.name).build(spec.method, spec.encoders)
     timings: dict[str, float] = {}
-    if not spec.method.uses_features:
-        field, timings = run_stages(stages, pair, progress)
-        return field, {**timings, "optimise": sum(timings.values())}
-    start = time.perf_counter()
-    parts = encode(spec, pair, progress)
-    timings["encode"] = time.perf_counter() - start
-    weights = spec.ensemble.weights(len(parts), spec.features or "")
-    if len(parts) > 1 and spec.ensemble.ensemble == "average":
-        fields = []
-        for part in parts:
-            field, stage_times = run_stages(stages, replace(pair, features=part, init=part.init), progress)
-            fields.append(field)
-            for key, seconds in stage_times.items():
-                timings[key] = timings.get(key, 0.0) + seconds
-        timings["optimise"] = sum(v for k, v in timings.items() if k != "encode")
-        return sum(w * f for w, f in zip(weights, fields)) / sum(weights), timings
-    features = parts[0] if len(parts) == 1 else combine_features(parts, weights)
-    field, stage_times = run_stages(stages, replace(pair, features=features, init=features.init), progress)
-    timings.update(stage_times)
-    timings["optimise"] = sum(stage_times.values())
-    return field, timings
+    runs, weights = [pair], [1.0]
+    if spec.method.uses_features:
+        start = time.perf_counter()
+        parts = encode(spec, pair, progress)
+        timings["encode"] = time.perf_counter() - start
+        weights = spec.ensemble.weights(len(parts), spec.features or "")
+        if len(parts) > 1 and spec.ensemble.ensemble == "average":
+            runs = [replace(pair, features=part, init=part.init) for part in parts]
+        else:
+            features = parts[0] if len(parts) == 1 else combine_features(parts, weights)
+            runs = [replace(pair, features=features, init=features.init)]
+    fields, stage_totals = [], {}
+    for one in runs:
+        field, stage_times = run_stages(stages, one, progress)
+        fields.append(field)
+        for key, seconds in stage_times.items():
+            stage_totals[key] = stage_totals.get(key, 0.0) + seconds
+    timings.update(stage_totals)
+    timings["optimise"] = sum(stage_totals.values())
+    if len(fields) == 1:
+        return fields[0], timings
+    return sum(w * f for w, f in zip(weights, fields)) / sum(weights), timings

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dinoreg.errors import DinoregError, WeightsNotFoundError
+from dinoreg.io.atomic import atomic_write
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "dino3d_shareddata.safetensors"
 CONFIG_KEY = "dinoreg_vit3d_config"
@@ -356,9 +357,8 @@ def save_vit3d(model: ViT3D, path: str | os.PathLike, extra: dict[str, str] | No
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {CONFIG_KEY: model.config.to_json(), FORMAT_KEY: FORMAT_VALUE, **(extra or {})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from dinoreg.errors import DinoregError
-from dinoreg.io.atomic import atomic_path
+from dinoreg.io.atomic import atomic_write
 from dinoreg.io.images import Image
 
 SPACES = ("voxel", "ras", "lps")
@@ -179,11 +179,9 @@ def save_landmarks(path: str | os.PathLike, points: np.ndarray, image: Image | N
         lines.append(",".join(([str(ids[n])] if ids is not None else []) + values))
     if not p.parent.exists():
         raise DinoregError("output directory does not exist", p.parent)
-    tmp = atomic_path(p)
     try:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, p)
+        with atomic_write(p) as tmp:
+            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise DinoregError(f"cannot write ({exc.strerror})", p) from exc
     return p

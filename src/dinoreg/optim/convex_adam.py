@@ -14,6 +14,7 @@ pull-back convention.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 
@@ -108,7 +109,8 @@ def pair_on_cells(feat_fix: torch.Tensor, feat_mov: torch.Tensor, image_shape: t
     return fix, mov
 
 
-def _features(pair: RegistrationPair) -> tuple[torch.Tensor, torch.Tensor]:
+def stage_features(pair: RegistrationPair) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair's fixed and moving feature volumes as float32 (stages that work on features)."""
     if pair.features is None:
         raise ValueError("this stage needs the pair's feature volumes (encode the pair first)")
     return pair.features.fixed.float(), pair.features.moving.float()
@@ -129,7 +131,7 @@ class ConvexStage:
     def run(self, pair: RegistrationPair, previous: torch.Tensor | None,
             progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
         g, shape = self.config.grid_sp, pair.shape
-        feat_fix, feat_mov = _features(pair)
+        feat_fix, feat_mov = stage_features(pair)
         with torch.no_grad(), progress.stage("convex", total=1) as step:
             fix_c, mov_c = pair_on_cells(feat_fix, feat_mov, shape, g, pair.init)
             if previous is not None:
@@ -153,7 +155,7 @@ class AdamStage:
     def run(self, pair: RegistrationPair, previous: torch.Tensor | None,
             progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
         ga, shape = self.config.grid_sp, pair.shape
-        feat_fix, feat_mov = _features(pair)
+        feat_fix, feat_mov = stage_features(pair)
         with torch.no_grad():
             fix_a, mov_a = pair_on_cells(feat_fix, feat_mov, shape, ga, pair.init)
             if previous is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dinoreg import losses
-from dinoreg.optim.convex_adam import field_from_cells, field_to_cells, pair_on_cells
+from dinoreg.optim.convex_adam import field_from_cells, field_to_cells, pair_on_cells, stage_features
 from dinoreg.optim.instance import Adam
 from dinoreg.pair import RegistrationPair
 from dinoreg.progress import Progress
@@ -70,11 +70,9 @@ class SmoothedAdamStage:
     def run(self, pair: RegistrationPair, previous: torch.Tensor | None,
             progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, shape = self.config, pair.shape
-        if pair.features is None:
-            raise ValueError("this stage needs the pair's feature volumes (encode the pair first)")
+        feat_fix, feat_mov = stage_features(pair)
         with torch.no_grad():
-            fix, mov = pair_on_cells(pair.features.fixed.float(), pair.features.moving.float(), shape, cfg.grid_sp,
-                                     pair.init)
+            fix, mov = pair_on_cells(feat_fix, feat_mov, shape, cfg.grid_sp, pair.init)
             start = (torch.zeros(1, 3, *fix.shape[2:], device=fix.device) if previous is None
                      else field_to_cells(previous, shape, cfg.grid_sp))
         params = start.clone()

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from dinoreg.errors import DinoregError
+from dinoreg.io.atomic import atomic_write
 from dinoreg.features.vit3d import ViT3D, ViT3DConfig, save_vit3d
 from dinoreg.pretrain.augment import AugmentConfig, foreground_points, make_batch
 from dinoreg.pretrain.dino import DinoLoss, PatchLoss, ProjectionHead, block_mask, ema_update
@@ -259,9 +260,8 @@ def save_checkpoint(state: TrainState, cfg: PretrainConfig, path: Path, data_id:
         "generator": state.generator.get_state(),
         "history": json.dumps(state.history),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _config_diff(saved: dict[str, Any], cfg: PretrainConfig) -> list[str]:
