@@ -113,3 +113,44 @@ def test_foreground_fraction_per_encoded_slice():
     vol[:14, :, 1] = 1.0
     out = encode_volume(vol, MeanPatch(), axis=2, upsample=1.0, every=1)
     assert out.foreground.tolist() == [0.0, 0.5, 0.0, 0.0]
+
+
+def test_tri_planar_sees_the_slicing_axis_at_slice_resolution():
+    """A pattern along the slicing axis that every k-th slice misses entirely (period = stride) is
+    seen by the other two planes: the fused tri-planar features vary along that axis."""
+    from dinoreg.features.base import EncodeRequest, SlicewiseSpec
+    from dinoreg.features.slicewise_pair import common_grid, slicewise_pair
+    from dinoreg.progress import Progress
+
+    shape = (8, 8, 12)
+    volume = np.zeros(shape, np.float32)
+    volume[:, :, 1::4] = 1.0  # bright every 4th slice, never an encoded one (0, 4, 8)
+    volume += np.linspace(0.2, 0.4, 8, dtype=np.float32)[:, None, None]
+    mask = np.ones(shape, bool)
+
+    def features(planes: str) -> torch.Tensor:
+        spec = SlicewiseSpec(upsample=14.0, every=4, slice_axis=2, planes=planes, pca_components=2,
+                             slice_match=False)
+        req = EncodeRequest(volume, volume.copy(), mask, mask, np.eye(4), torch.device("cpu"), Progress(False), spec,
+                            cell_sizes=(6, 2))
+        return slicewise_pair(lambda s, d: MeanPatch(), req).fixed[0]
+
+    single, tri = features("single"), features("tri")
+    assert tuple(tri.shape[1:]) == common_grid(shape, (6, 2)) == (4, 4, 6)
+    along_k = lambda f: float(f.std(dim=3).mean() / f.std().clamp_min(1e-12))  # noqa: E731
+    assert along_k(single) < 1e-3
+    assert along_k(tri) > 0.1
+
+
+def test_token_mm_and_every_mm_set_the_slicing_from_the_voxel_size():
+    from dinoreg.features.base import SlicewiseSpec
+    from dinoreg.features.slicewise_pair import physical_slicing
+
+    spec = SlicewiseSpec(upsample=3.0, every=3, token_mm=14.0, every_mm=12.0)
+    two_mm = physical_slicing(spec, np.diag([2.0, 2.0, 2.0, 1.0]), 2, 14)
+    one_mm = physical_slicing(spec, np.diag([1.0, 1.0, 1.0, 1.0]), 2, 14)
+    assert (two_mm.upsample, two_mm.every) == (2.0, 6) and (one_mm.upsample, one_mm.every) == (1.0, 12)
+    aniso = physical_slicing(spec, np.diag([0.5, 0.5, 10.0, 1.0]), 2, 14)  # thick slices: every slice encoded
+    assert (aniso.upsample, aniso.every) == (0.5, 1)
+    assert physical_slicing(SlicewiseSpec(upsample=3.0, every=3), np.eye(4), 2, 14) == SlicewiseSpec(upsample=3.0,
+                                                                                                      every=3)

@@ -103,7 +103,8 @@ def run(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -> t
         if len(parts) > 1 and spec.ensemble.ensemble == "average":
             runs = [replace(pair, features=part, init=part.init) for part in parts]
         else:
-            features = parts[0] if len(parts) == 1 else combine_features(parts, weights)
+            refine = spec.ensemble.refinement_weights(len(parts), spec.features or "")
+            features = parts[0] if len(parts) == 1 else combine_features(parts, weights, refine)
             runs = [replace(pair, features=features, init=features.init)]
     fields, stage_totals = [], {}
     for one in runs:

@@ -77,8 +77,17 @@ class SlicewiseSpec(EncoderSpec):
                                                        "upsample (DINO-Reg's script: 112 96)", length=2, low=1,
                                                  high=512)
     every: int = setting(3, "encode every k-th slice, interpolate the others", low=1)
+    token_mm: float | None = setting(None, "in-plane size of one patch token in mm: sets each image's upsampling "
+                                           "from its voxel size (patch * spacing / token_mm), instead of upsample",
+                                     low=0.0, low_open=True, high=1000.0)
+    every_mm: float | None = setting(None, "distance between encoded slices in mm: sets every from the slice "
+                                           "spacing (at least 1), instead of every", low=0.0, low_open=True,
+                                     high=1000.0)
     slice_axis: object = setting("auto", "slicing array axis (auto: the one closest to superior-inferior)",
                                  choices=("auto", 0, 1, 2))
+    planes: str = setting("single", "single: slices along the slicing axis only; tri: slices along all three "
+                                    "array axes, one joint PCA, the three projections averaged (every axis gets "
+                                    "per-slice resolution)", choices=("single", "tri"))
     batch_size: int = setting(8, "slices per forward pass", low=1)
     pca_components: int = setting(24, "channels kept by the joint foreground PCA", low=1, high=4096)
     slice_match: bool = setting(True, "cls-token slice-match translation as the initial field")
@@ -88,11 +97,16 @@ class SlicewiseSpec(EncoderSpec):
 @dataclass
 class PairFeatures:
     """Feature volumes of a pair (``(1, C, I', J', K')`` each, cell-centred over the image field
-    of view) and an optional initial field ``(1, 3, I, J, K)`` in voxels (pull-back)."""
+    of view) and an optional initial field ``(1, 3, I, J, K)`` in voxels (pull-back).
+
+    ``refine`` holds other feature volumes for the refinement stages (Adam) when they differ from
+    the ones of the search (an ensemble whose blocks are weighted per stage); None: the same.
+    """
 
     fixed: torch.Tensor
     moving: torch.Tensor
     init: torch.Tensor | None = None
+    refine: PairFeatures | None = None
 
 
 @dataclass

@@ -28,20 +28,42 @@ class EnsembleSpec(Spec):
     ensemble_weights: tuple[float, ...] | None = setting(
         None, "one weight per encoder: concat block power (relative to the first) or field weight", low=0.0,
         high=1e6)
+    refine_weights: tuple[float, ...] | None = setting(
+        None, "concat only: block powers in the refinement (Adam) stage when they differ from ensemble_weights "
+              "(e.g. 1 0: the second encoder guides the search only)", low=0.0, high=1e6)
 
     def weights(self, n: int, features: str) -> list[float]:
         """``n`` weights (all 1 by default); a :class:`DinoregError` when the count differs."""
-        if self.ensemble_weights is None:
-            return [1.0] * n
-        if len(self.ensemble_weights) != n:
-            raise DinoregError(f"setting 'ensemble_weights' needs {n} values for features {features!r}, "
-                               f"got {len(self.ensemble_weights)}")
-        if n > 1 and (self.ensemble_weights[0] <= 0 or sum(self.ensemble_weights) <= 0):
-            raise DinoregError("setting 'ensemble_weights' needs a positive first weight")
-        return [float(w) for w in self.ensemble_weights]
+        return _checked(self.ensemble_weights, "ensemble_weights", n, features) or [1.0] * n
+
+    def refinement_weights(self, n: int, features: str) -> list[float] | None:
+        """``refine_weights`` checked like :meth:`weights`; None when not set."""
+        if self.refine_weights is not None and self.ensemble == "average":
+            raise DinoregError("setting 'refine_weights' applies to ensemble=concat only")
+        return _checked(self.refine_weights, "refine_weights", n, features)
 
 
-def combine_features(parts: Sequence[PairFeatures], weights: Sequence[float]) -> PairFeatures:
+def _checked(weights: tuple[float, ...] | None, key: str, n: int, features: str) -> list[float] | None:
+    if weights is None:
+        return None
+    if len(weights) != n:
+        raise DinoregError(f"setting {key!r} needs {n} values for features {features!r}, got {len(weights)}")
+    if n > 1 and (weights[0] <= 0 or sum(weights) <= 0):
+        raise DinoregError(f"setting {key!r} needs a positive first weight")
+    return [float(w) for w in weights]
+
+
+def combine_features(parts: Sequence[PairFeatures], weights: Sequence[float],
+                     refine_weights: Sequence[float] | None = None) -> PairFeatures:
+    """Ensemble by concatenating channels (:func:`concatenate`); with ``refine_weights`` the
+    refinement stages get their own concatenation (``PairFeatures.refine``)."""
+    combined = concatenate(parts, weights)
+    if refine_weights is not None and list(refine_weights) != list(weights):
+        combined.refine = concatenate(parts, refine_weights)
+    return combined
+
+
+def concatenate(parts: Sequence[PairFeatures], weights: Sequence[float]) -> PairFeatures:
     """Ensemble by concatenating channels. The first encoder's block keeps its own scale (the
     one its presets are tuned for); every other block is scaled so its mean squared norm per
     voxel (over both images) is ``weight_i / weight_0`` times the first block's. Blocks are

@@ -20,6 +20,7 @@ Conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -135,13 +136,25 @@ def joint_pca(fixed: torch.Tensor, moving: torch.Tensor, k: int = 24, *,
                            f"{moving.shape[0]} channels; encode both with the same encoder")
     fmask = _check_mask(fixed_mask, fixed, "fixed")
     mmask = _check_mask(moving_mask, moving, "moving")
-    if not bool(fmask.any()) and not bool(mmask.any()):
+    basis = fit_joint_pca([(fixed, fmask), (moving, mmask)], k, seed=seed, max_tokens=max_tokens)
+    return basis.transform(fixed), basis.transform(moving), basis
+
+
+def fit_joint_pca(volumes: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int = 24, *, seed: int = 0,
+                  max_tokens: int | None = 200_000) -> PCABasis:
+    """One PCA basis fitted on the foreground tokens of several feature volumes together.
+
+    Args:
+        volumes: ``(features (C, *grid), boolean mask (*grid))`` pairs; grids may differ, channels
+            must match (e.g. both images encoded along each of three axes).
+        k, seed, max_tokens: as :func:`joint_pca`.
+    """
+    if not any(bool(mask.any()) for _, mask in volumes):
         raise DinoregError("PCA foreground mask is empty in both images; lower the foreground "
                            "threshold or check the intensity scaling")
-    tokens = torch.cat([_masked_tokens(fixed, fmask), _masked_tokens(moving, mmask)])
+    tokens = torch.cat([_masked_tokens(features, mask) for features, mask in volumes])
     if max_tokens is not None and tokens.shape[0] > max_tokens:
         gen = torch.Generator().manual_seed(seed)
         pick = torch.randperm(tokens.shape[0], generator=gen)[:max_tokens].to(tokens.device)
         tokens = tokens[pick]
-    basis = fit_pca(tokens, k, seed=seed)
-    return basis.transform(fixed), basis.transform(moving), basis
+    return fit_pca(tokens, k, seed=seed)

@@ -13,13 +13,16 @@ feature-volume methods through :func:`slicewise_pair`.
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dinoreg.features.base import Encoder2D, EncodeRequest, EncoderSpec, PairFeatures, SlicewiseSpec
-from dinoreg.features.pca import joint_pca
+from dinoreg.features.pca import fit_joint_pca
 from dinoreg.features.slice_match import match_slices
 from dinoreg.features.slicewise import SliceFeatures, default_slice_axis, encode_volume
 
@@ -76,14 +79,31 @@ def encode_cached(array: np.ndarray, encoder: Encoder2D, axis: int, spec: Slicew
                          rows[:, -1].long(), rows[:, -2], axis, tuple(array.shape), spec.every)
 
 
-def encode_pair_slices(req: EncodeRequest, encoder: Encoder2D) -> tuple[SliceFeatures, SliceFeatures]:
-    """Slicewise features of both images with the request's settings (encoded once when the
-    request carries the same array twice, as ``dinoreg encode`` does)."""
+def physical_slicing(spec: SlicewiseSpec, affine: np.ndarray, axis: int, patch_size: int) -> SlicewiseSpec:
+    """``spec`` with ``upsample`` / ``every`` set from ``token_mm`` / ``every_mm`` (when given) for
+    slices along ``axis`` of a grid with voxel-to-mm ``affine``: the same physical token size and
+    slice distance whatever the voxel size (in-plane spacing: the mean of the two in-plane axes)."""
+    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    changes: dict[str, object] = {}
+    if spec.token_mm is not None:
+        in_plane = float(np.mean([spacing[a] for a in range(3) if a != axis]))
+        changes["upsample"] = min(16.0, patch_size * in_plane / spec.token_mm)
+    if spec.every_mm is not None:
+        changes["every"] = max(1, int(round(spec.every_mm / float(spacing[axis]))))
+    return replace(spec, **changes) if changes else spec
+
+
+def encode_pair_slices(req: EncodeRequest, encoder: Encoder2D, axis: int | None = None
+                       ) -> tuple[SliceFeatures, SliceFeatures]:
+    """Slicewise features of both images along ``axis`` (default: the spec's slicing axis), with
+    the request's settings (encoded once when the request carries the same array twice, as
+    ``dinoreg encode`` does)."""
     spec: SlicewiseSpec = req.spec  # type: ignore[assignment]
-    axis = slice_axis(spec.slice_axis, req.affine)
+    axis = slice_axis(spec.slice_axis, req.affine) if axis is None else axis
+    spec = physical_slicing(spec, req.affine, axis, encoder.patch_size)
     out = []
     for name, array in req.images():
-        with req.progress.stage(f"{encoder.name} {name}"):
+        with req.progress.stage(f"{encoder.name} {name} axis {axis}"):
             out.append(encode_cached(array, encoder, axis, spec, req.device, req.progress.enabled))
     return out[0], out[-1]
 
@@ -94,15 +114,46 @@ def translation_field(translation: np.ndarray, shape: tuple[int, int, int], devi
     return t.view(1, 3, 1, 1, 1).expand(1, 3, *shape).contiguous()
 
 
+def common_grid(image_shape: tuple[int, int, int], cell_sizes: tuple[int, ...]) -> tuple[int, int, int]:
+    """The grid tri-planar features are fused on: cells of the largest size dividing every stage's
+    cell size (``ceil(I / p)`` per axis), which the stages pool exactly."""
+    pool = math.gcd(*cell_sizes) if cell_sizes else 1
+    return tuple(-(-s // pool) for s in image_shape)  # type: ignore[return-value]
+
+
+def reduce_planes(fixed: list[SliceFeatures], moving: list[SliceFeatures], req: EncodeRequest, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One joint foreground PCA over every plane's tokens of both images, each plane projected to
+    ``k`` channels; a single plane stays on its own grid, several are resampled (trilinear,
+    cell-centred) onto :func:`common_grid` and averaged. Returns ``(k, I', J', K')`` twice."""
+    tokens = [(one.features, mask_on_grid(image_mask, one.grid_shape).to(one.features.device))
+              for planes, image_mask in ((fixed, req.fixed_mask), (moving, req.moving_mask)) for one in planes]
+    basis = fit_joint_pca(tokens, k, seed=req.seed)
+    if len(fixed) == 1:
+        return basis.transform(fixed[0].features), basis.transform(moving[0].features)
+    grid = common_grid(tuple(req.fixed.shape), req.cell_sizes)
+
+    def fuse(planes: list[SliceFeatures]) -> torch.Tensor:
+        volumes = [F.interpolate(basis.transform(p.features)[None], size=grid, mode="trilinear",
+                                 align_corners=False)[0] for p in planes]
+        return torch.stack(volumes).mean(0)
+
+    return fuse(fixed), fuse(moving)
+
+
 def slicewise_pair(loader: Callable[[EncoderSpec, str], Encoder2D], req: EncodeRequest) -> PairFeatures:
-    """Pair features from a 2D network: slicewise encoding, joint masked PCA, slice-match start."""
+    """Pair features from a 2D network: slicewise encoding (along the slicing axis, or all three
+    for ``planes="tri"``), joint masked PCA, slice-match start."""
     spec: SlicewiseSpec = req.spec  # type: ignore[assignment]
     model = loader(spec, str(req.device))
-    fixed, moving = encode_pair_slices(req, model)
-    fmask = mask_on_grid(req.fixed_mask, fixed.grid_shape).to(fixed.features.device)
-    mmask = mask_on_grid(req.moving_mask, moving.grid_shape).to(moving.features.device)
+    axis = slice_axis(spec.slice_axis, req.affine)
+    axes = [axis] + [a for a in range(3) if a != axis] if spec.planes == "tri" else [axis]
+    encoded = [encode_pair_slices(req, model, a) for a in axes]
+    fixed, moving = encoded[0]
     k = min(spec.pca_components, fixed.features.shape[0])
-    pf, pm, _ = joint_pca(fixed.features, moving.features, k, fixed_mask=fmask, moving_mask=mmask, seed=req.seed)
+    pf, pm = reduce_planes([f for f, _ in encoded], [m for _, m in encoded], req, k)
+    fmask = mask_on_grid(req.fixed_mask, tuple(pf.shape[1:])).to(pf.device)
+    mmask = mask_on_grid(req.moving_mask, tuple(pm.shape[1:])).to(pm.device)
     scale = unit_scale(pf, pm, fmask, mmask)
     init = None
     if spec.slice_match and fixed.cls is not None:

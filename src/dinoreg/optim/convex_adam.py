@@ -109,11 +109,13 @@ def pair_on_cells(feat_fix: torch.Tensor, feat_mov: torch.Tensor, image_shape: t
     return fix, mov
 
 
-def stage_features(pair: RegistrationPair) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pair's fixed and moving feature volumes as float32 (stages that work on features)."""
+def stage_features(pair: RegistrationPair, refine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair's fixed and moving feature volumes as float32 (stages that work on features);
+    ``refine``: those of the refinement stages (``PairFeatures.refine``) when the pair has them."""
     if pair.features is None:
         raise ValueError("this stage needs the pair's feature volumes (encode the pair first)")
-    return pair.features.fixed.float(), pair.features.moving.float()
+    features = pair.features.refine if refine and pair.features.refine is not None else pair.features
+    return features.fixed.float(), features.moving.float()
 
 
 class ConvexStage:
@@ -155,7 +157,7 @@ class AdamStage:
     def run(self, pair: RegistrationPair, previous: torch.Tensor | None,
             progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
         ga, shape = self.config.grid_sp, pair.shape
-        feat_fix, feat_mov = stage_features(pair)
+        feat_fix, feat_mov = stage_features(pair, refine=True)
         with torch.no_grad():
             fix_a, mov_a = pair_on_cells(feat_fix, feat_mov, shape, ga, pair.init)
             if previous is None:
