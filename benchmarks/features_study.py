@@ -102,18 +102,21 @@ def child(case: str, method: str, shared: Path, out: Path, threads: int) -> dict
         return dict(case=case, method=method, error=f"exit {os.waitstatus_to_exitcode(status)}")
     row = json.loads((out / "child.json").read_text())
     row["peak_mb"] = round(usage.ru_maxrss / 1024.0)
+    row["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | method | Dice | TRE (mm) | SDlogJ | folding | s | peak MB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | method | Dice | TRE (mm) | SDlogJ | folding | s | CPU s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['method']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['case']} | {r['method']} | failed: {r['error']} | | | | | | |")
             continue
         lines.append(f"| {r['case']} | {r['method']} | {f(r['dice'], '.4f')} | {f(r['tre_mm'], '.2f')} | "
-                     f"{f(r['sdlogj'], '.3f')} | {f(r['folding'], '.5f')} | {r['seconds']} | {r.get('peak_mb', '-')} |")
+                     f"{f(r['sdlogj'], '.3f')} | {f(r['folding'], '.5f')} | {r['seconds']} | {r.get('cpu_s', '-')} | "
+                     f"{r.get('peak_mb', '-')} |")
     return "\n".join(lines)
 
 

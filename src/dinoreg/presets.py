@@ -31,25 +31,26 @@ class Preset:
 
 
 def _presets() -> dict[str, Preset]:
-    dino_convexadam = ConvexAdamSpec(iterations=40, lambda_weight=5.0)
     items = [
         Preset("mind", "MIND-SSC + ConvexAdam tuned for CPU (the reference settings with 50 Adam iterations)",
                RegistrationSpec(ConvexAdamSpec(), (MindSpec(),))),
         Preset("convexadam", "MIND-SSC + ConvexAdam with the convexadam 0.2.0 package's defaults (80 iterations)",
                RegistrationSpec(ConvexAdamSpec(iterations=80), (MindSpec(),))),
-        Preset("dinoreg", "DINO-Reg: DINOv2 ViT-S slice features (x3, every 3rd slice), joint PCA, slice match, "
-                          "ConvexAdam",
-               RegistrationSpec(dino_convexadam, (DINOv2Spec(upsample=3.0, every=3),))),
+        Preset("dinoreg", "DINO-Reg on CPU: MIND-SSC + a tri-planar DINOv2 block (14 mm tokens, slices every 12 mm "
+                          "along all three axes, joint PCA) guiding the convex search at power 0.2, MIND alone in "
+                          "the Adam stage, from DINOv2's cls-token slice match",
+               RegistrationSpec(ConvexAdamSpec(), (MindSpec(), DINOv2Spec(planes="tri", token_mm=14.0, every_mm=12.0)),
+                                EnsembleSpec(ensemble="concat", ensemble_weights=(1.0, 0.2), refine_weights=(1.0, 0.0)))),
         Preset("dinoreg-fast", "MIND-SSC + ConvexAdam started from DINOv2's cls-token slice match (the global "
                                "foundation feature; dense DINOv2 channels measured to hurt, see the README)",
-               RegistrationSpec(ConvexAdamSpec(), (MindSpec(), DINOv2Spec(upsample=2.0, every=6)),
+               RegistrationSpec(ConvexAdamSpec(), (MindSpec(), DINOv2Spec(token_mm=14.0, every_mm=12.0)),
                                 EnsembleSpec(ensemble="concat", ensemble_weights=(1.0, 0.0)))),
         Preset("dinoreg-ensemble", "MIND-SSC + a small DINOv2 block (weight 0.05) and DINOv2's slice-match start, "
                                    "the mind preset's optimiser",
                RegistrationSpec(ConvexAdamSpec(), (MindSpec(), DINOv2Spec(upsample=2.0, every=6)),
                                 EnsembleSpec(ensemble="concat", ensemble_weights=(1.0, 0.05)))),
         Preset("dino3d", "3D ViT (Kats & Heinrich) trained by dinoreg: one 3D pass per image, joint PCA, ConvexAdam",
-               RegistrationSpec(dino_convexadam, (Dino3DSpec(),))),
+               RegistrationSpec(ConvexAdamSpec(iterations=40, lambda_weight=5.0), (Dino3DSpec(),))),
         Preset("dinoreg-paper", "the DINO-Reg authors' published inference: ViT-L/14-reg4, 112x96 patches per "
                                 "slice, every 3rd slice, PCA 24, Adam alone on the full-resolution field (1000 it, "
                                 "lr 3, weight 2, smoothed 7x5 inside every iteration); GPU-sized",

@@ -70,6 +70,7 @@ class RegistrationSpec:
         self.method.check_encoders(self.encoders)
         if len(self.encoders) > 1:
             self.ensemble.weights(len(self.encoders), self.features or "")
+            self.ensemble.refinement_weights(len(self.encoders), self.features or "")
         elif self.ensemble.ensemble_weights is not None and len(self.ensemble.ensemble_weights) != len(self.encoders):
             raise DinoregError(f"setting 'ensemble_weights' needs {len(self.encoders)} value(s) for features "
                                f"{self.features!r}")
@@ -121,14 +122,16 @@ class RegistrationSpec:
             name = str(values.pop("method"))
             if name != method.name:
                 method = method_entry(name).spec()
-        encoders = self.encoders
+        encoders, ensemble = self.encoders, self.ensemble
         if "features" in values:
             current = {e.name: e for e in encoders}
             names = parse_features(values.pop("features"))
             encoders = tuple(current.get(n) or encoder_entry(n).spec() for n in names)
+            if len(encoders) != len(self.encoders):  # the preset's per-encoder weights no longer fit
+                ensemble = EnsembleSpec(ensemble=self.ensemble.ensemble)
         elif method is not self.method:
             encoders = tuple(e for e in encoders if method.accepts_encoder(e))
-        components: list[Spec] = [method, *encoders, self.ensemble, self.preprocess, self.run]
+        components: list[Spec] = [method, *encoders, ensemble, self.preprocess, self.run]
         assigned: list[dict[str, Any]] = [{} for _ in components]
         unknown = []
         for key, value in values.items():
