@@ -65,6 +65,6 @@ def test_image_too_small_for_one_patch(tmp_path, capsys):
     tiny = np.random.default_rng(0).random((4, 4, 4)).astype(np.float32)
     path = write_nifti(tmp_path / "tiny.nii.gz", tiny)
     code = main(["register", str(path), str(path), "-o", str(tmp_path / "o"), "--preset", "dinoreg-fast",
-                 "--quiet"])
+                 "--grid-sp", "1", "--grid-sp-adam", "1", "--quiet"])  # 1-voxel cells: the encoder refuses
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "patch" in err[0]

@@ -19,7 +19,7 @@ import torch
 
 from dinoreg import metrics as l2r_metrics
 from dinoreg.errors import DinoregError
-from dinoreg.io.fields import as_field
+from dinoreg.io.fields import as_field, field_grid
 from dinoreg.io.images import Image, as_image, load_image, resample_to_grid, to_fixed_grid
 from dinoreg.io.landmarks import load_landmarks, voxel_to_world, world_to_voxel
 from dinoreg.pair import RegistrationPair
@@ -71,8 +71,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind", 
             an unknown key or a value out of range raises :class:`DinoregError` before any work.
         fixed_mask, moving_mask: foreground masks; default: normalised intensity > ``mask_threshold``.
         fixed_labels, moving_labels: label maps; moving labels are warped, and with both, Dice and
-            HD95 are computed (over ``eval_labels`` when given).
-        fixed_landmarks, moving_landmarks: CSV files; TRE is computed with both.
+            HD95 are computed (over ``eval_labels`` when given); fixed labels alone are an error.
+        fixed_landmarks, moving_landmarks: CSV files for TRE (both or neither).
         landmarks_space: ``voxel`` (i, j, k rows), ``ras`` or ``lps`` (world mm).
         device: ``auto``, ``cpu`` or ``cuda``.
         progress: show progress bars on stderr.
@@ -83,9 +83,14 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind", 
     t0 = time.perf_counter()
     resolved = resolve_spec(preset_name, spec, **overrides)
     dev = resolve_device(device)
+    require_both(fixed_landmarks, moving_landmarks, "landmarks")
+    if fixed_labels is not None:  # moving labels alone are fine: they are warped, not scored
+        require_both(fixed_labels, moving_labels, "labels")
     _seed(resolved.seed)
     reporter = Progress(progress)
     prepared = prepare(fixed, moving, resolved, dev, fixed_mask, moving_mask)
+    scoring = _load_scoring_inputs(prepared.fixed, prepared.moving_original, fixed_labels, moving_labels,
+                                   fixed_landmarks, moving_landmarks, landmarks_space)  # bad input: before any work
     timings = {"load": time.perf_counter() - t0}
     disp_t, run_timings = run(resolved, prepared.pair, reporter)
     timings.update(run_timings)
@@ -95,10 +100,17 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind", 
     settings = {"preset": preset_name if spec is None else None, **resolved.to_dict()}
     result = Result(disp=disp, fixed=prepared.fixed, warped=warped, timings=timings, settings=settings,
                     moving_path=prepared.moving_original.path, moving=prepared.moving.array)
-    _attach_labels_and_metrics(result, prepared.moving_original, fixed_labels, moving_labels, fixed_landmarks,
-                               moving_landmarks, landmarks_space, eval_labels, prepared.pair.user_fixed_mask)
+    _attach_labels_and_metrics(result, scoring, eval_labels, prepared.pair.user_fixed_mask)
     timings["total"] = time.perf_counter() - t0
     return result
+
+
+def require_both(fixed: Any, moving: Any, what: str) -> None:
+    """Inputs that only make sense together (``what``: ``labels`` or ``landmarks``): one without
+    the other raises :class:`DinoregError` naming both options."""
+    if (fixed is None) != (moving is None):
+        have, missing = ("fixed", "moving") if moving is None else ("moving", "fixed")
+        raise DinoregError(f"needs --{missing}-{what} too (the metrics compare the two)", f"--{have}-{what}")
 
 
 def _label_image(obj: ImageLike, name: str) -> Image:
@@ -113,10 +125,11 @@ def _moving_landmarks_on_fixed_grid(path: ImageLike, moving: Image, fixed: Image
     return world_to_voxel(voxel_to_world(points, moving.affine), fixed.affine)
 
 
-def _attach_labels_and_metrics(result: Result, mov_orig: Image, fixed_labels: ImageLike | None,
-                               moving_labels: ImageLike | None, fixed_landmarks: Any, moving_landmarks: Any,
-                               space: str, eval_labels: Sequence[int] | None, fixed_mask: np.ndarray | None) -> None:
-    fix_img = result.fixed
+def _load_scoring_inputs(fix_img: Image, mov_orig: Image, fixed_labels: ImageLike | None,
+                         moving_labels: ImageLike | None, fixed_landmarks: Any, moving_landmarks: Any,
+                         space: str) -> tuple[np.ndarray | None, ...]:
+    """``(fixed labels, moving labels on the fixed grid, fixed landmarks, moving landmarks)`` in
+    voxels of the fixed grid (``None`` where not given), read and checked before registering."""
     fseg = mseg = None
     if moving_labels is not None:
         mlab = _label_image(moving_labels, "moving labels")
@@ -124,7 +137,6 @@ def _attach_labels_and_metrics(result: Result, mov_orig: Image, fixed_labels: Im
             raise DinoregError(f"label map grid {mlab.shape} does not match the moving image {mov_orig.shape}",
                                mlab.name)
         mseg = to_fixed_grid(Image(mlab.array, mov_orig.affine, mlab.path), fix_img, order=0).array
-        result.warped_labels = l2r_metrics.warp_segmentation(mseg, result.disp)
     if fixed_labels is not None:
         flab = _label_image(fixed_labels, "fixed labels")
         if flab.shape != fix_img.shape:
@@ -137,11 +149,19 @@ def _attach_labels_and_metrics(result: Result, mov_orig: Image, fixed_labels: Im
         mlms = _moving_landmarks_on_fixed_grid(moving_landmarks, mov_orig, fix_img, space)
         if len(flms) != len(mlms):
             raise DinoregError(f"has {len(mlms)} landmarks but the fixed file has {len(flms)}", moving_landmarks)
+    return fseg, mseg, flms, mlms
+
+
+def _attach_labels_and_metrics(result: Result, scoring: tuple[np.ndarray | None, ...],
+                               eval_labels: Sequence[int] | None, fixed_mask: np.ndarray | None) -> None:
+    fseg, mseg, flms, mlms = scoring
+    if mseg is not None:
+        result.warped_labels = l2r_metrics.warp_segmentation(mseg, result.disp)
     if (fseg is not None and mseg is not None) or flms is not None:
         result.metrics = l2r_metrics.evaluate_pair(
             result.disp, fixed_seg=fseg if mseg is not None else None, moving_seg=mseg if fseg is not None else None,
             labels=None if eval_labels is None else list(eval_labels), fixed_lms=flms, moving_lms=mlms,
-            spacing=tuple(float(s) for s in fix_img.spacing), fixed_mask=fixed_mask)
+            spacing=tuple(float(s) for s in result.fixed.spacing), fixed_mask=fixed_mask)
 
 
 def warp(image: ImageLike, disp: Any, fixed: ImageLike | None = None, labels: bool = False) -> Image:
@@ -158,7 +178,7 @@ def warp(image: ImageLike, disp: Any, fixed: ImageLike | None = None, labels: bo
         the warped :class:`Image` on the fixed grid.
     """
     field_img = as_field(disp)
-    grid_affine = as_image(fixed, "fixed").affine if fixed is not None else field_img.affine
+    grid_affine = field_grid(field_img, None if fixed is None else as_image(fixed, "fixed")).affine
     shape = tuple(field_img.array.shape[:3])
     if labels:
         src = _label_image(image, "moving labels")
@@ -179,17 +199,19 @@ def evaluate(disp: Any, fixed_labels: ImageLike | None = None, moving_labels: Im
              moving: ImageLike | None = None, landmarks_space: str = "voxel",
              eval_labels: Sequence[int] | None = None, fixed_mask: ImageLike | None = None) -> dict[str, Any]:
     """Learn2Reg metrics of a field on a labelled and/or landmarked pair (see ``dinoreg.metrics``)."""
+    require_both(fixed_labels, moving_labels, "labels")
+    require_both(fixed_landmarks, moving_landmarks, "landmarks")
     field_img = as_field(disp)
-    grid = Image(np.zeros(field_img.array.shape[:3], np.float32),
-                 as_image(fixed, "fixed").affine if fixed is not None else field_img.affine)
-    fseg = _label_image(fixed_labels, "fixed labels").array if fixed_labels is not None else None
-    mseg = None
+    grid = field_grid(field_img, None if fixed is None else as_image(fixed, "fixed"))
+    flab = _label_image(fixed_labels, "fixed labels") if fixed_labels is not None else None
+    fseg = flab.array if flab is not None else None
+    mseg = mlab = None
     if moving_labels is not None:
         mlab = _label_image(moving_labels, "moving labels")
         mref = as_image(moving, "moving") if moving is not None else None
         geom = Image(mlab.array, mref.affine if mref is not None else mlab.affine, mlab.path)
         mseg = to_fixed_grid(geom, grid, order=0).array
-    for seg, name in ((fseg, "fixed labels"), (mseg, "moving labels")):
+    for seg, name in ((fseg, flab and flab.name), (mseg, mlab and mlab.name)):
         if seg is not None and seg.shape != grid.shape:
             raise DinoregError(f"label grid {seg.shape} does not match the field grid {grid.shape}", name)
     flms = mlms = None
@@ -214,6 +236,7 @@ def encode(image: ImageLike, *, features: str = "dinov2", preset_name: str = "di
         ``(C, I', J', K')`` float32 features and the ``(4, 4)`` affine of the feature grid
         (cell-centred over the image, see :func:`dinoreg.spatial.affine.feature_affine`).
     """
+    overrides.setdefault("ensemble_weights", [1.0] * len(str(features).split("+")))  # not the preset's ensemble
     spec = resolve_spec(preset_name, None, features=features, **overrides)
     if not 1 <= int(components) <= 4096:
         raise DinoregError(f"--components must be between 1 and 4096, got {components}")

@@ -56,22 +56,36 @@ def _add_eval_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def parse_label_list(value: str | None) -> list[int] | None:
-    """``"2,3,4"`` or a file (``.npz`` with one array, or text with one label per line/comma)."""
+    """``"2,3,4"`` or a file (``.npz``/``.npy`` with one array, or text with one label per
+    line/comma); anything else, or no label at all, raises :class:`DinoregError` naming ``--labels``."""
     if value is None:
         return None
     path = Path(value)
-    if path.exists():
-        import numpy as np
-
-        if path.suffix == ".npz":
-            data = np.load(path)
-            return [int(x) for x in data[list(data.keys())[0]]]
-        text = path.read_text().replace(",", " ").split()
-        return [int(float(x)) for x in text]
     try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError as exc:
-        raise DinoregError(f"--labels expects a comma list of integers or a file, got {value!r}") from exc
+        labels = _label_file(path) if path.is_file() else [int(x) for x in value.split(",") if x.strip()]
+    except (ValueError, TypeError, OSError, UnicodeDecodeError) as exc:
+        what = f"{path}: cannot read integer labels ({type(exc).__name__})" if path.is_file() else repr(value)
+        raise DinoregError(f"expects a comma list of integers or a file of them, got {what}", "--labels") from exc
+    if not labels:
+        raise DinoregError(f"lists no label, got {value!r}", "--labels")
+    return labels
+
+
+def _label_file(path: Path) -> list[int]:
+    """Integer labels from ``.npz``/``.npy`` (one array) or a text file; non-integers raise ValueError."""
+    import numpy as np
+
+    if path.suffix in (".npz", ".npy"):
+        data = np.load(path, allow_pickle=False)
+        array = np.asarray(data[list(data.keys())[0]] if isinstance(data, np.lib.npyio.NpzFile) else data)
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"dtype {array.dtype}")
+        values = [float(x) for x in array.ravel()]
+    else:
+        values = [float(x) for x in path.read_text(encoding="utf-8").replace(",", " ").split()]
+    if not all(np.isfinite(v) and v == int(v) for v in values):
+        raise ValueError("not integers")
+    return [int(v) for v in values]
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -151,12 +165,13 @@ def register_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _register(args: argparse.Namespace) -> int:
     from dinoreg.api import register, resolve_spec
     from dinoreg.pipeline import resolve_device
-    from dinoreg.result import check_outdir
+    from dinoreg.result import check_field_name, check_outdir
 
     preset_name = args.preset or ("ffd" if args.method == "ffd" else "mind")
     spec = resolve_spec(preset_name, **register_overrides(args))  # bad settings: error before any work
     device = resolve_device(args.device)
     check_outdir(args.output)
+    check_field_name(args.name)
     labels = parse_label_list(args.labels)
     result = register(args.fixed, args.moving, spec=spec, fixed_mask=args.fixed_mask,
                       moving_mask=args.moving_mask, fixed_labels=args.fixed_labels,
@@ -197,8 +212,10 @@ def _warp_args(p: argparse.ArgumentParser) -> None:
 @_warp_args.handler
 def _warp(args: argparse.Namespace) -> int:
     from dinoreg.api import warp
-    from dinoreg.io.images import save_image
+    from dinoreg.io.atomic import check_output_file
+    from dinoreg.io.images import WRITE_SUFFIXES, save_image
 
+    check_output_file(args.output, WRITE_SUFFIXES)
     out = warp(args.image, args.field, fixed=args.fixed, labels=args.labels)
     array = out.array.astype("int16") if args.labels else out.array
     print(f"warped: {save_image(array, out.affine, args.output)}")
@@ -218,16 +235,17 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 @_evaluate_args.handler
 def _evaluate(args: argparse.Namespace) -> int:
     from dinoreg.api import evaluate
+    from dinoreg.io.atomic import check_output_file, write_text_atomic
     from dinoreg.metrics import to_jsonable
 
+    if args.output is not None:
+        check_output_file(args.output)
     m = evaluate(args.field, args.fixed_labels, args.moving_labels, fixed_landmarks=args.fixed_landmarks,
                  moving_landmarks=args.moving_landmarks, fixed=args.fixed, moving=args.moving,
                  landmarks_space=args.landmarks_space, eval_labels=parse_label_list(args.labels),
                  fixed_mask=args.fixed_mask)
     text = json.dumps(to_jsonable(m), indent=2)
-    if args.output:
-        from dinoreg.io.atomic import write_text_atomic
-
+    if args.output is not None:
         write_text_atomic(args.output, text)
         print(f"metrics: {args.output}")
     else:

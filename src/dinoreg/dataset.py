@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from dinoreg.errors import DinoregError
-from dinoreg.io.atomic import atomic_write, write_json_atomic
+from dinoreg.io.atomic import atomic_write, remove_stale_temporaries, write_json_atomic
 from dinoreg.io.learn2reg import Pair, load_dataset
 
 RECORDS = "pairs"
@@ -131,17 +131,9 @@ def folder_lock(outdir: Path) -> Iterator[None]:
 
 
 def _remove_stale_temporaries(outdir: Path) -> None:
-    """Drop temporary files a killed run left behind (safe: we hold the folder lock)."""
+    """Drop temporary files a killed run left behind (any owner: we hold the folder lock)."""
     for folder in (outdir, outdir / RECORDS, outdir / QC):
-        for tmp in folder.glob(".*"):
-            if tmp.name != _LOCK and tmp.is_file() and (tmp.name.startswith(".disp_") or any(
-                    f".{ext}." in tmp.name for ext in ("json", "png", "csv", "html"))):
-                tmp.unlink(missing_ok=True)
-        for tmpdir in folder.glob(".dinoreg-*"):
-            if tmpdir.is_dir():
-                import shutil
-
-                shutil.rmtree(tmpdir, ignore_errors=True)
+        remove_stale_temporaries(folder, any_owner=True)
 
 
 # --------------------------------------------------------------------------- one pair (in a worker)

@@ -39,7 +39,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise DinoregError("--device cuda was asked for but no CUDA GPU is available")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise DinoregError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:  # e.g. "cuda:x"
+        raise DinoregError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N", "--device") from exc
 
 
 @dataclass
@@ -65,6 +68,7 @@ def prepare(fixed: ImageLike, moving: ImageLike, spec: RegistrationSpec, device:
     """Load, check, resample and normalise a pair as ``spec.preprocess`` says."""
     pre = spec.preprocess
     fix_img = as_image(fixed, "fixed")
+    spec.method.check_shape(fix_img.shape, fix_img.name)
     mov_orig = as_image(moving, "moving")
     check_not_constant(mov_orig.array, mov_orig.name)
     mov_img = to_fixed_grid(mov_orig, fix_img, order=1)

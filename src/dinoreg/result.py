@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,9 @@ import numpy as np
 
 from dinoreg import metrics as l2r_metrics
 from dinoreg.errors import DinoregError
-from dinoreg.io.images import Image, save_image
+from dinoreg.io.atomic import atomic_dir, remove_stale_temporaries
+from dinoreg.io.images import WRITE_SUFFIXES, Image, save_image
 from dinoreg.io.learn2reg import disp_name
-
-TEMP_PREFIX = ".dinoreg-"  # temporary folders inside an output folder
 
 
 @dataclass
@@ -54,8 +52,9 @@ class Result:
         Everything is written into a temporary folder inside ``outdir`` first and moved into
         place only when every file is complete. Returns the written paths by kind.
         """
+        field_name = check_field_name(name) or disp_name(self.fixed.path or "fixed.nii.gz",
+                                                         self.moving_path or "moving.nii.gz")
         out = prepare_outdir(outdir)
-        field_name = name or disp_name(self.fixed.path or "fixed.nii.gz", self.moving_path or "moving.nii.gz")
         stem = field_name[len("disp_"):] if field_name.startswith("disp_") else field_name
         arrays: dict[str, tuple[str, np.ndarray]] = {
             "disp": (field_name, self.disp.astype(np.float32)),
@@ -64,7 +63,7 @@ class Result:
         if self.warped_labels is not None:
             arrays["warped_labels"] = ("warped_labels_" + stem, self.warped_labels.astype(np.int16))
         files = {kind: fname for kind, (fname, _) in arrays.items()}
-        tmpdir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out))
+        tmpdir = atomic_dir(out)
         try:
             for fname, array in arrays.values():
                 save_image(array, self.fixed.affine, tmpdir / fname)
@@ -87,8 +86,22 @@ class Result:
         return written
 
 
+def check_field_name(name: str | None) -> str | None:
+    """``--name``: a plain file name inside the output folder (no folder part, no ``..``, not
+    hidden) with an image suffix; ``None`` stays ``None`` (Learn2Reg naming)."""
+    if name is None:
+        return None
+    if not name.strip() or Path(name).name != name or name in (".", "..") or name.startswith("."):
+        raise DinoregError(f"must be a plain file name inside the output folder, got {name!r}", "--name")
+    if not name.lower().endswith(WRITE_SUFFIXES):
+        raise DinoregError(f"must end in {', '.join(WRITE_SUFFIXES)}, got {name!r}", "--name")
+    return name
+
+
 def check_outdir(outdir: str | os.PathLike) -> Path:
     """Check, without creating anything, that ``outdir`` is or can become a writable folder."""
+    if not str(outdir).strip():
+        raise DinoregError("output directory is empty", "-o")
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise DinoregError("output path exists and is not a directory", out)
@@ -103,10 +116,12 @@ def check_outdir(outdir: str | os.PathLike) -> Path:
 
 
 def prepare_outdir(outdir: str | os.PathLike) -> Path:
-    """Create ``outdir`` (with parents) and check it is writable."""
+    """Create ``outdir`` (with parents), check it is writable and remove the temporaries a
+    killed run left in it (only dinoreg's own names, of processes that are gone)."""
     out = check_outdir(outdir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DinoregError(f"cannot create output directory ({exc.strerror})", out) from exc
+    remove_stale_temporaries(out)
     return out

@@ -36,16 +36,18 @@ def _dataset(args: argparse.Namespace) -> int:
     from dinoreg.dataset import RunConfig, run_dataset, summary_lines
     from dinoreg.pipeline import resolve_device
     from dinoreg.presets import resolve
+    from dinoreg.result import check_outdir
 
     overrides = parse_overrides(args.overrides)
+    check_outdir(args.output)
     resolve(args.preset, {**overrides, "seed": args.seed})  # bad settings: one error before any work
     resolve_device(args.device)
     labels = parse_label_list(args.labels)
     config = RunConfig(outdir=args.output, preset=args.preset, overrides=overrides,
                        eval_labels=tuple(labels) if labels else None, device=args.device, seed=args.seed,
                        qc=not args.no_qc)
-    if args.cache_size_gb <= 0:
-        raise DinoregError("--cache-size-gb must be positive", "--cache-size-gb")
+    if not 0 < args.cache_size_gb < 2**20:  # also NaN and Inf
+        raise DinoregError(f"must be a positive number of GB, got {args.cache_size_gb}", "--cache-size-gb")
     if args.workers < 1 or args.threads < 0:
         raise DinoregError("--workers must be >= 1 and --threads >= 0")
     summary = run_dataset(args.dataset_json, args.split, config, workers=args.workers, executor=args.executor,

@@ -31,12 +31,15 @@ def _encode_args(p: argparse.ArgumentParser) -> None:
 @_encode_args.handler
 def _encode(args: argparse.Namespace) -> int:
     from dinoreg.api import encode
+    from dinoreg.io.atomic import check_output_file
+    from dinoreg.io.images import WRITE_SUFFIXES, save_image
+    from dinoreg.pipeline import resolve_device
 
+    check_output_file(args.output, WRITE_SUFFIXES)
+    resolve_device(args.device)
     feats, affine = encode(args.image, features=args.features, preset_name=args.preset, weights=args.weights,
                            components=args.components, modality=args.modality, device=args.device,
                            progress=not args.quiet)
-    from dinoreg.io.images import save_image
-
     path = save_image(np.moveaxis(feats, 0, -1).astype(np.float32), affine, args.output)
     print(f"features: {path} (grid {feats.shape[1:]}, {feats.shape[0]} channels)")
     return 0

@@ -37,18 +37,29 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
 
 @_pretrain_args.handler
 def _pretrain(args: argparse.Namespace) -> int:
+    import math
+
     from dinoreg.errors import DinoregError
     from dinoreg.features.vit3d import ViT3DConfig
+    from dinoreg.pipeline import resolve_device
     from dinoreg.pretrain.train import PretrainConfig, pretrain
+    from dinoreg.result import check_outdir
 
+    check_outdir(args.output)
     for option in ("steps", "batch_size", "embed_dim", "depth", "heads", "patch_size", "checkpoint_every"):
         if getattr(args, option) < 1:
             raise DinoregError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
-    if not args.lr > 0 or args.lr == float("inf") or not args.ibot_weight >= 0 or args.seed < 0:
-        raise DinoregError("--lr must be a positive finite number, --ibot-weight >= 0 and --seed >= 0")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise DinoregError(f"must be a positive finite number, got {args.lr}", "--lr")
+    if not (args.ibot_weight >= 0 and math.isfinite(args.ibot_weight)):
+        raise DinoregError(f"must be a finite number >= 0, got {args.ibot_weight}", "--ibot-weight")
+    if args.seed < 0:
+        raise DinoregError(f"must be >= 0, got {args.seed}", "--seed")
     if args.embed_dim % args.heads:
         raise DinoregError(f"--embed-dim {args.embed_dim} must be a multiple of --heads {args.heads}")
 
+    if args.device is not None:
+        resolve_device(args.device)
     model = ViT3DConfig(patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads)
     config = dataclasses.replace(PretrainConfig(), model=model, steps=args.steps, batch_size=args.batch_size,
                                  lr=args.lr, ibot_weight=args.ibot_weight, checkpoint_every=args.checkpoint_every,

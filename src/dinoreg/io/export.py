@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from dinoreg.errors import DinoregError
-from dinoreg.io.atomic import atomic_write
+from dinoreg.io.atomic import atomic_write, check_output_file
 from dinoreg.io.images import LPS_TO_RAS, Image, load_image
 
 FORMATS = ("itk", "ants", "mm")
@@ -197,42 +197,13 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _suffix_ok(path: Path, suffixes: tuple[str, ...]) -> bool:
-    return any(path.name.lower().endswith(s) for s in suffixes)
-
-
-def _check_output(path: Path, to: str) -> None:
-    suffixes = MM_SUFFIXES if to == "mm" else ITK_FIELD_SUFFIXES
-    if not _suffix_ok(path, suffixes):
-        raise DinoregError(f"--to {to} writes {', '.join(suffixes)} files", path)
-    parent = path.parent
-    if not parent.is_dir():
-        raise DinoregError("output directory does not exist", parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DinoregError("output directory is not writable", parent)
-    if path.is_dir():
-        raise DinoregError("output is a directory", path)
-
-
 def _load_inputs(disp: Any, fixed: Any, moving: Any) -> tuple[Image, Image, Image | None]:
-    from dinoreg.io.fields import load_field
+    from dinoreg.io.fields import as_field, field_grid
     from dinoreg.io.images import as_image
 
-    if isinstance(disp, (str, os.PathLike)):
-        field_img = load_field(disp)
-    elif isinstance(disp, Image):
-        field_img = disp
-    else:
-        field_img = Image(np.asarray(disp, dtype=np.float32), np.eye(4))
-    arr = field_img.array
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise DinoregError(f"expected a displacement field of shape (I, J, K, 3), got {arr.shape}", field_img.name)
-    if not np.isfinite(arr).all():
-        raise DinoregError("displacement field holds NaN/Inf values", field_img.name)
+    field_img = as_field(disp)
     fixed_img = load_image(fixed) if isinstance(fixed, (str, os.PathLike)) else as_image(fixed, "fixed")
-    if tuple(arr.shape[:3]) != fixed_img.shape:
-        raise DinoregError(f"field grid {tuple(arr.shape[:3])} does not match the fixed image {fixed_img.shape}",
-                           field_img.name)
+    field_grid(field_img, fixed_img)  # the same grid, or an error naming both
     moving_img = None
     if moving is not None:
         moving_img = load_image(moving) if isinstance(moving, (str, os.PathLike)) else as_image(moving, "moving")
@@ -277,8 +248,9 @@ def export_field(disp: Any, fixed: Any, output: str | os.PathLike, to: str = "it
     to = str(to).lower()
     if to not in FORMATS:
         raise DinoregError(f"unknown export format {to!r} (choose {', '.join(FORMATS)})", "--to")
-    out = Path(output)
-    _check_output(out, to)
+    if int(iterations) < 1:
+        raise DinoregError(f"must be >= 1, got {iterations}", "--iterations")
+    out = check_output_file(output, MM_SUFFIXES if to == "mm" else ITK_FIELD_SUFFIXES, f"--to {to} output")
     field_img, fixed_img, moving_img = _load_inputs(disp, fixed, moving)
     result = ExportResult(out, to, inverse)
     affine = fixed_img.affine

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from dinoreg.errors import DinoregError
-from dinoreg.io.atomic import atomic_path
+from dinoreg.io.atomic import atomic_path, check_output_file
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 NUMPY_SUFFIXES = (".npy", ".npz")
+WRITE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")  # single files: the rename is atomic
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -137,8 +138,17 @@ def _read_numpy(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(data), np.eye(4)
 
 
+def check_numeric(array: np.ndarray, name: str) -> None:
+    """Reject arrays that are not real numbers (strings, objects, complex values)."""
+    if np.iscomplexobj(array):
+        raise DinoregError("holds complex values (refused: the imaginary part would be dropped)", name)
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise DinoregError(f"holds non-numeric values (dtype {array.dtype})", name)
+
+
 def _to_volume(array: np.ndarray, path: str) -> np.ndarray:
     """Squeeze trailing singleton axes, promote 2D to ``(I, J, 1)``, reject anything else."""
+    check_numeric(array, path)
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 2:
@@ -157,6 +167,31 @@ def check_finite(array: np.ndarray, name: str) -> None:
         raise DinoregError(f"holds {bad} NaN/Inf voxels", name)
 
 
+def check_geometry(affine: np.ndarray, name: str) -> np.ndarray:
+    """The ``(4, 4)`` voxel-to-world affine as float64; a non-finite or degenerate one (a zero voxel
+    size, axes that are not independent) raises a :class:`DinoregError` naming ``name``."""
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4) or not np.isfinite(aff).all():
+        raise DinoregError("image geometry (affine) holds NaN/Inf values or is not 4x4", name)
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    if (spacing <= 1e-6).any():
+        axis = int(np.argmin(spacing))
+        raise DinoregError(f"degenerate image geometry: voxel size along axis {axis} is {spacing[axis]:g} mm "
+                           "(zero column in the affine)", name)
+    if abs(np.linalg.det(aff[:3, :3] / spacing[None, :])) < 1e-6:
+        raise DinoregError("degenerate image geometry: the affine's axes are not independent (singular)", name)
+    return aff
+
+
+def _image(array: np.ndarray, affine: np.ndarray, path: str | None, name: str, dtype: Any) -> Image:
+    """An :class:`Image` after every check: numeric 2D/3D values, finite voxels, sound geometry."""
+    array = _to_volume(np.asanyarray(array), name)
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    check_finite(array, name)
+    return Image(array, check_geometry(affine, name), path)
+
+
 def load_image(path: str | os.PathLike, *, key: str | None = None, dtype: Any = np.float32) -> Image:
     """Read a NIfTI, MHA/MHD/NRRD file, DICOM series folder or ``.npy``/``.npz`` array.
 
@@ -169,7 +204,8 @@ def load_image(path: str | os.PathLike, *, key: str | None = None, dtype: Any = 
         an :class:`Image` of shape ``(I, J, K)`` with its RAS affine (identity for numpy files).
 
     Raises:
-        DinoregError: missing or unreadable file, not 2D/3D, NaN or Inf voxels.
+        DinoregError: missing or unreadable file, not 2D/3D, non-numeric or complex values, NaN or
+            Inf voxels, a degenerate affine (zero voxel size, singular, NaN).
     """
     p = Path(path)
     if not p.exists():
@@ -185,11 +221,7 @@ def load_image(path: str | os.PathLike, *, key: str | None = None, dtype: Any = 
         raise
     except Exception as exc:  # nibabel / SimpleITK raise many types for a bad file
         raise DinoregError(f"cannot read image ({type(exc).__name__}: {exc})", p) from exc
-    array = _to_volume(np.asarray(array), str(p))
-    if dtype is not None:
-        array = array.astype(dtype, copy=False)
-    check_finite(array, str(p))
-    return Image(array, affine, str(p))
+    return _image(array, affine, str(p), str(p), dtype)
 
 
 def as_image(obj: Any, name: str = "<array>") -> Image:
@@ -199,19 +231,12 @@ def as_image(obj: Any, name: str = "<array>") -> Image:
     if isinstance(obj, (str, os.PathLike)):
         return load_image(obj)
     if isinstance(obj, np.ndarray):
-        array = _to_volume(obj, name).astype(np.float32, copy=False)
-        check_finite(array, name)
-        return Image(array, np.eye(4), None)
+        return _image(obj, np.eye(4), None, name, np.float32)
     module = type(obj).__module__
     if module.startswith("nibabel"):
-        array = _to_volume(np.asanyarray(obj.dataobj), name).astype(np.float32)
-        check_finite(array, name)
-        return Image(array, np.asarray(obj.affine, dtype=np.float64), None)
+        return _image(np.asanyarray(obj.dataobj), obj.affine, None, name, np.float32)
     if module.startswith("SimpleITK"):
-        array, affine = sitk_to_array_affine(obj)
-        array = _to_volume(array, name).astype(np.float32)
-        check_finite(array, name)
-        return Image(array, affine, None)
+        return _image(*sitk_to_array_affine(obj), None, name, np.float32)
     if hasattr(obj, "detach"):  # a torch tensor
         return as_image(obj.detach().cpu().numpy(), name)
     raise DinoregError(f"cannot use an object of type {type(obj).__name__} as an image", name)
@@ -220,12 +245,11 @@ def as_image(obj: Any, name: str = "<array>") -> Image:
 def save_image(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
     """Write ``array`` with ``affine`` to ``path`` atomically (temporary name, then rename).
 
-    NIfTI is written with nibabel; ``.mha``/``.nrrd`` with SimpleITK (converted to LPS).
+    NIfTI (``.nii.gz``, ``.nii``) is written with nibabel; ``.mha``/``.nrrd`` with SimpleITK
+    (converted to LPS); other suffixes, a missing or read-only folder raise :class:`DinoregError`.
     A displacement field ``(I, J, K, 3)`` is written as a 4D NIfTI, as Learn2Reg expects.
     """
-    p = Path(path)
-    if not p.parent.exists():
-        raise DinoregError("output directory does not exist", p.parent)
+    p = check_output_file(path, WRITE_SUFFIXES)
     try:
         tmp = atomic_path(p)
     except OSError as exc:

@@ -84,6 +84,8 @@ class Learn2RegDataset:
         entries = self.meta.get(key)
         if entries is None:
             raise DinoregError(f"has no {key!r} list (split {split!r})", self.json_path)
+        if not entries:
+            raise DinoregError(f"{key!r} is empty: split {split!r} has no pair to register", self.json_path)
         return [self._pair(entry, key, n, check) for n, entry in enumerate(entries)]
 
     @property
@@ -122,7 +124,8 @@ def load_dataset(path: str | os.PathLike) -> Learn2RegDataset:
     """Read a Learn2Reg ``dataset.json`` (or the folder holding it).
 
     Raises:
-        DinoregError: missing file, invalid JSON, not an object, a pair list that is not a list.
+        DinoregError: missing file, invalid JSON, not an object, a pair list that is not a list,
+            ``labels`` or ``modality`` that is not an object.
     """
     p = Path(path)
     if p.is_dir():
@@ -138,6 +141,10 @@ def load_dataset(path: str | os.PathLike) -> Learn2RegDataset:
     for key in SPLITS.values():
         if key in meta and not isinstance(meta[key], list):
             raise DinoregError(f"{key!r} must be a list of pairs", p)
+    for key in ("labels", "modality"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise DinoregError(f"{key!r} must be an object such as {{\"1\": \"liver\"}}, got "
+                               f"{type(meta[key]).__name__} {meta[key]!r:.40}", p)
     if not any(key in meta for key in SPLITS.values()):
         raise DinoregError(f"lists no pairs (none of {', '.join(SPLITS.values())})", p)
     return Learn2RegDataset(p.parent.resolve(), meta)

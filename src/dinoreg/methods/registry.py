@@ -40,6 +40,9 @@ class MethodSpec(Spec):
         """Cell sizes (voxels) the stages average features over (encoders may pool by their gcd)."""
         return (1,)
 
+    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
+        """Reject an image too small for the stages (:class:`DinoregError` naming ``name``)."""
+
 
 StageBuilder = Callable[..., list[Stage]]
 
