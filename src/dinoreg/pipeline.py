@@ -52,6 +52,14 @@ class PreparedPair:
     moving: Image  # on the fixed grid
 
 
+def check_size(img: Image) -> None:
+    """Refuse an image that is not 2D or 3D: at least two axes need two voxels or more (the
+    smallest supported images are 2 x 2 in 2D and 2 x 2 x 2 in 3D)."""
+    if sum(n > 1 for n in img.shape) < 2:
+        raise DinoregError(f"image of shape {img.shape} is too small: registration needs at least 2 voxels along "
+                           "two axes (smallest supported: 2 x 2 in 2D, 2 x 2 x 2 in 3D)", img.name)
+
+
 def _mask(mask: Image | None, normalised: np.ndarray, reference: Image, threshold: float, name: str) -> np.ndarray:
     if mask is None:
         return check_mask(threshold_mask(normalised, threshold), f"{name} (intensity threshold {threshold})")
@@ -66,6 +74,8 @@ def prepare(fixed: ImageLike, moving: ImageLike, spec: RegistrationSpec, device:
     pre = spec.preprocess
     fix_img = as_image(fixed, "fixed")
     mov_orig = as_image(moving, "moving")
+    for img in (fix_img, mov_orig):
+        check_size(img)
     check_not_constant(mov_orig.array, mov_orig.name)
     mov_img = to_fixed_grid(mov_orig, fix_img, order=1)
     fix_norm = normalise(fix_img.array, pre.intensity("fixed"), fix_img.name)
