@@ -43,15 +43,6 @@ class ConvexAdamSpec(MethodSpec):
     def cell_sizes(self) -> tuple[int, ...]:
         return (self.grid_sp, self.grid_sp_adam)
 
-    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
-        """Both stages smooth over 3 cells along every axis: each axis needs at least 3 cells."""
-        for axis, n in enumerate(shape):
-            for key, cell in (("grid_sp", self.grid_sp), ("grid_sp_adam", self.grid_sp_adam)):
-                if -(-n // cell) < 3:
-                    raise DinoregError(f"image too small for convexadam: axis {axis} has {n} voxels, fewer than "
-                                       f"3 cells of {key} {cell} (lower --{key.replace('_', '-')}, or use "
-                                       "--method ffd for 2D images)", name)
-
 
 @method("convexadam", ConvexAdamSpec, "coupled convex search + Adam instance optimisation on feature volumes")
 def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = ()) -> list[Stage]:
