@@ -5,7 +5,13 @@ Pairs (the middle slice along the last array axis of each volume, as 2D images):
 * ``oasis``: fixed ``learn2reg_tutorial2019_brain_t1/subject_1_vol`` <- moving
   ``voxelmorph_brain_t1/test_scan_vol``, labels ``*_seg``, Dice over the 30 labels of
   ``voxelmorph_brain_t1/labels.npz`` (labels absent from either slice are NaN and skipped);
-* ``lapirn``: fixed ``lapirn_brain_t1_pair`` image A <- moving image B, labels 1 and 2.
+* ``lapirn``: fixed ``lapirn_brain_t1_pair`` image A <- moving image B, labels 1 and 2;
+* ``abdomen``: the abdominal MR -> CT pair of ``benchmarks/abdomen_pair.py`` (built once into
+  ``--abdomen-dir``, default ``OUTDIR/abdomen_pair``; 2 mm grid 128 x 112 x 48), axial slice 22
+  (the first of the slices where all 7 organs are in both label maps): fixed CT <- moving MR,
+  Dice over labels 1-7 (spleen, kidneys, gallbladder, liver, stomach, pancreas).
+
+Each slice keeps its volume's voxel size (``grid_spacing`` is in mm: 1 mm brains, 2 mm abdomen).
 
 Rows: no registration (initial), NCC alone (alpha 0), and for every encoder and feature distance
 (``cos``, ``l1``) variant 1 (alpha 1: feature distance alone) and variant 2 (alpha 0.3:
@@ -43,35 +49,59 @@ PAIRS = {
                    moving="data/lapirn_brain_t1_pair/image_B_160x192x144.nii.gz",
                    moving_seg="data/lapirn_brain_t1_pair/image_B_160x192x144_seg.nii.gz",
                    labels=[1, 2]),
+    "abdomen": dict(build="abdomen", fixed="ct.nii.gz", fixed_seg="ct_seg.nii.gz", moving="mr.nii.gz",
+                    moving_seg="mr_seg.nii.gz", labels=[1, 2, 3, 4, 5, 6, 7], slice=22),
 }
 VARIANTS = [("variant 1", 1.0), ("variant 2", 0.3)]
 DISTANCES = ["l1", "cos"]
 METRICS = ("dice_mean", "hd95_vox_mean", "sdlogj", "folding_fraction")
 
 
-def middle_slice(path: Path, labels: bool = False) -> np.ndarray:
-    """The middle slice along the last array axis, ``(I, J)`` (ints for label maps)."""
-    from dinoreg.io.images import load_image
+def middle_slice(path: Path, labels: bool = False, index: int | None = None):
+    """Slice ``index`` (default: the middle one) along the last array axis, as an :class:`Image`
+    of shape ``(I, J, 1)`` with the volume's affine (so its voxel size in mm is kept); label maps
+    as ``int32``, intensities as ``float32``."""
+    from dinoreg.io.images import Image, load_image
 
     img = load_image(path, dtype=None if labels else np.float32)
-    arr = img.array[:, :, img.shape[2] // 2]
-    return np.ascontiguousarray(arr.astype(np.int32) if labels else arr.astype(np.float32))
+    k = img.shape[2] // 2 if index is None else int(index)
+    arr = img.array[:, :, k:k + 1]
+    affine = img.affine.copy()
+    affine[:3, 3] = img.affine[:3, :3] @ np.array([0.0, 0.0, k]) + img.affine[:3, 3]
+    return Image(np.ascontiguousarray(arr.astype(np.int32) if labels else arr.astype(np.float32)), affine)
 
 
-def load_pair(shared: Path, spec: dict) -> dict:
+def pair_root(shared: Path, spec: dict, abdomen_dir: Path | None) -> Path:
+    """Folder the pair's paths are relative to (the abdomen pair is built there once)."""
+    if spec.get("build") != "abdomen":
+        return shared
+    import sys
+
+    folder = Path(abdomen_dir) if abdomen_dir is not None else Path("abdomen_pair")
+    if not all((folder / spec[k]).exists() for k in ("fixed", "fixed_seg", "moving", "moving_seg")):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from abdomen_pair import build_abdomen_pair
+
+        build_abdomen_pair(shared, folder)
+    return folder
+
+
+def load_pair(shared: Path, spec: dict, abdomen_dir: Path | None = None) -> dict:
+    root = pair_root(shared, spec, abdomen_dir)
     labels = spec["labels"]
     if isinstance(labels, str):
-        labels = [int(x) for x in np.load(shared / labels)["labels"]]
-    return dict(fixed=middle_slice(shared / spec["fixed"]), moving=middle_slice(shared / spec["moving"]),
-                fixed_seg=middle_slice(shared / spec["fixed_seg"], True),
-                moving_seg=middle_slice(shared / spec["moving_seg"], True), labels=labels)
+        labels = [int(x) for x in np.load(root / labels)["labels"]]
+    k = spec.get("slice")
+    return dict(fixed=middle_slice(root / spec["fixed"], index=k), moving=middle_slice(root / spec["moving"], index=k),
+                fixed_seg=middle_slice(root / spec["fixed_seg"], True, k),
+                moving_seg=middle_slice(root / spec["moving_seg"], True, k), labels=labels)
 
 
 def initial_metrics(pair: dict) -> dict:
     from dinoreg.metrics import evaluate_pair
 
-    disp = np.zeros((*pair["fixed"].shape, 1, 3), np.float32)
-    return evaluate_pair(disp, pair["fixed_seg"][..., None], pair["moving_seg"][..., None], labels=pair["labels"])
+    disp = np.zeros((*pair["fixed"].shape, 3), np.float32)
+    return evaluate_pair(disp, pair["fixed_seg"].array, pair["moving_seg"].array, labels=pair["labels"])
 
 
 def run_one(pair: dict, settings: dict, encoder: str | None, alpha: float, distance: str) -> dict:

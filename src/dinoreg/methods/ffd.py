@@ -43,6 +43,8 @@ class FFDSpec(MethodSpec):
     slice_stride: int = setting(1, "3D: encode every k-th slice per iteration", low=1)
     feature_upsample: float = setting(1.0, "slice upsampling before the encoder", low=0.0, low_open=True, high=16.0)
     balance: bool = setting(True, "rescale the feature term once so its gradient matches NCC's")
+    feature_layer: int = setting(0, "encoder block whose tokens are compared (0: the output; k: block k, "
+                                    "dinov2 only)", low=0, high=64)
 
     def accepts_encoder(self, encoder: EncoderSpec) -> bool:
         return encoder_entry(encoder.name).kind == "slice"
@@ -55,6 +57,9 @@ class FFDSpec(MethodSpec):
             raise DinoregError(f"method ffd needs a 2D slice encoder in its loss ({choices}), got {encoders[0].name}")
         if self.alpha > 0 and not encoders:
             raise DinoregError(f"setting 'alpha' > 0 needs an encoder for the feature distance (features: {choices})")
+        if self.feature_layer and encoders and encoders[0].name != "dinov2":
+            raise DinoregError(f"setting 'feature_layer' {self.feature_layer} needs the dinov2 encoder "
+                               f"(intermediate-layer tokens), got {encoders[0].name}")
 
 
 class FFDStage:
@@ -83,7 +88,8 @@ class FFDStage:
             grid_spacing=spacing_from_mm(spec.grid_spacing, tuple(pair.spacing[: 2 if is_2d else 3])),
             reg_weight=spec.reg_weight, iterations=spec.iterations, lr=spec.lr, levels=spec.levels,
             slice_axis=-1 if is_2d else slice_axis(axis_option, pair.affine), slice_stride=spec.slice_stride,
-            feature_upsample=spec.feature_upsample, balance=spec.balance, progress=progress.enabled)
+            feature_upsample=spec.feature_upsample, balance=spec.balance, feature_layer=spec.feature_layer,
+            progress=progress.enabled)
         fixed_t = torch.from_numpy(pair.fixed).to(dev)[None, None]
         moving_t = torch.from_numpy(pair.moving).to(dev)[None, None]
         mask = pair.user_fixed_mask
