@@ -52,7 +52,7 @@ PAIRS = {
     "abdomen": dict(build="abdomen", fixed="ct.nii.gz", fixed_seg="ct_seg.nii.gz", moving="mr.nii.gz",
                     moving_seg="mr_seg.nii.gz", labels=[1, 2, 3, 4, 5, 6, 7], slice=22),
 }
-VARIANTS = [("variant 1", 1.0), ("variant 2", 0.3)]
+VARIANT2_ALPHA = 0.3  # variant 2's alpha in the table (variant 1: alpha 1)
 DISTANCES = ["l1", "cos"]
 METRICS = ("dice_mean", "hd95_vox_mean", "sdlogj", "folding_fraction")
 
@@ -111,6 +111,7 @@ def run_one(pair: dict, settings: dict, encoder: str | None, alpha: float, dista
     res = dinoreg.register(pair["fixed"], pair["moving"], preset_name="ffd", device="cpu", progress=False,
                            features=encoder, alpha=alpha, feature_distance=distance,
                            feature_upsample=settings["feature_upsample"].get(encoder or "none", 1.0),
+                           feature_layer=settings["feature_layer"].get(encoder or "none", 0),
                            grid_spacing=settings["grid_spacing"], reg_weight=settings["reg_weight"],
                            lr=settings["lr"], iterations=settings["iterations"], levels=tuple(settings["levels"]),
                            fixed_labels=pair["fixed_seg"], moving_labels=pair["moving_seg"],
@@ -129,8 +130,8 @@ def _fmt(v, digits=3) -> str:
 def markdown(rows: list[dict], pairs: list[str]) -> str:
     head = ["encoder", "variant"]
     for p in pairs:
-        head += [f"Dice {p}", f"HD95 {p} (vox)", f"SDlogJ {p}"]
-    head += ["mean Dice", "s/run"]
+        head += [f"Dice {p}", f"HD95 {p} (vox)", f"SDlogJ {p}", f"s {p}"]
+    head += ["mean Dice"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["encoder"], r["variant"]]
@@ -138,30 +139,54 @@ def markdown(rows: list[dict], pairs: list[str]) -> str:
         for p in pairs:
             m = r["pairs"].get(p)
             if m is None:
-                cells += ["…", "…", "…"]
+                cells += ["…", "…", "…", "…"]
                 continue
             dices.append(m["dice_mean"])
             sd = "-" if r["variant"] == "initial" else _fmt(m["sdlogj"])
-            cells += [_fmt(m["dice_mean"]), _fmt(m["hd95_vox_mean"], 2), sd]
-        cells.append(_fmt(float(np.mean(dices))) if len(dices) == len(pairs) else "…")
-        secs = [m["seconds"] for m in r["pairs"].values() if m and "seconds" in m]
-        cells.append(f"{np.mean(secs):.0f}" if secs else "-")
+            secs = f"{m['seconds']:.0f}" if "seconds" in m else "-"
+            cells += [_fmt(m["dice_mean"], 4), _fmt(m["hd95_vox_mean"], 2), sd, secs]
+        cells.append(_fmt(float(np.mean(dices)), 4) if len(dices) == len(pairs) else "…")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def ncc_best(path: Path, pairs: list[str], max_sdlogj: float | None = None) -> dict[str, dict]:
+    """Per pair, NCC alone's best run (highest Dice; SDlogJ <= ``max_sdlogj`` when given) in a
+    ``ffd_sweep.py`` results file."""
+    best: dict[str, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        if max_sdlogj is not None and not r["sdlogj"] <= max_sdlogj:
+            continue
+        if r["alpha"] == 0 and r["pair"] in pairs and (r["pair"] not in best
+                                                       or r["dice_mean"] > best[r["pair"]]["dice_mean"]):
+            best[r["pair"]] = r
+    return best
+
+
 def main(argv=None) -> None:
+    from dinoreg.methods.ffd import FFDSpec
+
+    d = FFDSpec()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", help="output folder (ffd_study.md, ffd_study.json)")
     parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
-    parser.add_argument("--encoders", nargs="+", default=["dinov2", "litemedsam"])
-    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--levels", type=int, nargs="+", default=[1])
-    parser.add_argument("--grid-spacing", type=float, default=8.0, help="control spacing, mm")
-    parser.add_argument("--reg-weight", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=0.5)
-    parser.add_argument("--dinov2-upsample", type=float, default=2.0)
+    parser.add_argument("--abdomen-dir", default=None, help="where the abdomen pair is built (default OUTDIR/abdomen_pair)")
+    parser.add_argument("--encoders", nargs="+", default=["dinov2"])
+    parser.add_argument("--distances", nargs="+", default=["cos"], choices=DISTANCES)
+    parser.add_argument("--pairs", nargs="+", default=["oasis", "abdomen", "lapirn"], choices=list(PAIRS))
+    parser.add_argument("--iterations", type=int, default=d.iterations)
+    parser.add_argument("--levels", type=int, nargs="+", default=list(d.levels))
+    parser.add_argument("--grid-spacing", type=float, default=d.grid_spacing, help="control spacing, mm")
+    parser.add_argument("--reg-weight", type=float, default=d.reg_weight)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--variant2-alpha", type=float, default=VARIANT2_ALPHA)
+    parser.add_argument("--dinov2-upsample", type=float, default=d.feature_upsample)
+    parser.add_argument("--feature-layer", type=int, default=d.feature_layer, help="dinov2 block (0: last)")
+    parser.add_argument("--ncc-sweep", help="ffd_sweep.py results (ffd_sweep.jsonl): add NCC alone at its best "
+                                            "settings per pair (the best Dice of the sweep, re-run here)")
+    parser.add_argument("--ncc-max-sdlogj", type=float, default=0.15,
+                        help="--ncc-sweep: only settings whose SDlogJ stays <= this (plausible fields)")
     parser.add_argument("--ncc-only", action="store_true", help="initial + NCC rows only (for tuning)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -172,22 +197,31 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(iterations=args.iterations, levels=args.levels, grid_spacing=args.grid_spacing,
                     reg_weight=args.reg_weight, lr=args.lr, image_distance="ncc",
-                    feature_upsample={"dinov2": args.dinov2_upsample, "litemedsam": 1.0, "none": 1.0},
-                    threads=args.threads)
-    pairs = {name: load_pair(shared, PAIRS[name]) for name in args.pairs}
-    rows = [dict(encoder="no encoder", variant="initial", pairs={}),
-            dict(encoder="no encoder", variant="NCC", pairs={})]
-    jobs = [(rows[1], None, 0.0, "cos")]
+                    feature_upsample={"dinov2": args.dinov2_upsample, "none": 1.0},
+                    feature_layer={"dinov2": args.feature_layer}, threads=args.threads)
+    abdomen = Path(args.abdomen_dir) if args.abdomen_dir else out / "abdomen_pair"
+    pairs = {name: load_pair(shared, PAIRS[name], abdomen) for name in args.pairs}
+    rows = [dict(encoder="no encoder", variant="initial", pairs={})]
+    jobs = []
+    if args.ncc_sweep:
+        best = ncc_best(Path(args.ncc_sweep), args.pairs, args.ncc_max_sdlogj)
+        row = dict(encoder="no encoder", variant="NCC, its best settings per pair", pairs={},
+                   settings={p: {k: best[p][k] for k in ("grid_spacing", "reg_weight", "iterations", "lr", "levels")}
+                             for p in best})
+        rows.append(row)
+        jobs += [(row, None, 0.0, "cos", {p: {**settings, **row["settings"][p]} for p in best})]
+    rows.append(dict(encoder="no encoder", variant="NCC", pairs={}))
+    jobs.append((rows[-1], None, 0.0, "cos", None))
     if not args.ncc_only:
         for enc in args.encoders:
-            for vname, alpha in VARIANTS:
-                for dist in DISTANCES:
-                    label = dist.upper().replace("COS", "Cos") + ("" if alpha == 1.0 else " + NCC")
+            for vname, alpha in (("variant 1", 1.0), ("variant 2", args.variant2_alpha)):
+                for dist in args.distances:
+                    label = dist.upper().replace("COS", "Cos") + ("" if alpha == 1.0 else f" + NCC, alpha {alpha:g}")
                     row = dict(encoder=enc, variant=f"{vname}: {label}", alpha=alpha, distance=dist, pairs={})
                     rows.append(row)
-                    jobs.append((row, enc, alpha, dist))
+                    jobs.append((row, enc, alpha, dist, None))
         # run variant 2 (the comparison that matters) before variant 1, table order unchanged
-        jobs.sort(key=lambda job: 0 if job[2] is None or job[2] < 1.0 else 1)
+        jobs.sort(key=lambda job: 0 if job[2] < 1.0 else 1)
     t_start = time.perf_counter()
 
     def save() -> None:
@@ -199,11 +233,13 @@ def main(argv=None) -> None:
     for name, pair in pairs.items():
         rows[0]["pairs"][name] = {k: initial_metrics(pair).get(k) for k in METRICS}
     save()
-    for row, enc, alpha, dist in jobs:
+    for row, enc, alpha, dist, per_pair in jobs:
         for name, pair in pairs.items():
-            row["pairs"][name] = run_one(pair, settings, enc, alpha, dist)
+            if per_pair is not None and name not in per_pair:
+                continue
+            row["pairs"][name] = run_one(pair, settings if per_pair is None else per_pair[name], enc, alpha, dist)
             print(f"{row['encoder']:>10} {row['variant']:<22} {name:<7} "
-                  f"Dice {_fmt(row['pairs'][name]['dice_mean'])} "
+                  f"Dice {_fmt(row['pairs'][name]['dice_mean'], 4)} "
                   f"HD95 {_fmt(row['pairs'][name]['hd95_vox_mean'], 2)} "
                   f"SDlogJ {_fmt(row['pairs'][name]['sdlogj'])} "
                   f"({row['pairs'][name]['seconds']:.0f} s)", flush=True)

@@ -73,20 +73,24 @@ def run(pair: dict, cfg: dict, encoder: str) -> dict:
     return out
 
 
-def summary(path: Path, pairs: list[str]) -> str:
+def summary(path: Path, pairs: list[str], max_sdlogj: float | None = None) -> str:
+    """Markdown table of the settings run on every pair, best mean Dice first (``max_sdlogj``:
+    only settings whose SDlogJ stays below it on every pair)."""
     rows: dict[str, dict] = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
         sig = json.dumps({k: r[k] for k in SWEPT}, sort_keys=True)
         rows.setdefault(sig, {k: r[k] for k in SWEPT})[r["pair"]] = r
-    head = list(SWEPT) + [f"Dice {p}" for p in pairs] + ["mean", "s/run"]
+    head = list(SWEPT) + [f"{m} {p}" for p in pairs for m in ("Dice", "SDlogJ")] + ["mean Dice", "s/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    full = [r for r in rows.values() if all(p in r for p in pairs)]
+    full = [r for r in rows.values() if all(p in r for p in pairs)
+            and (max_sdlogj is None or all(r[p]["sdlogj"] <= max_sdlogj for p in pairs))]
     full.sort(key=lambda r: -np.mean([r[p]["dice_mean"] for p in pairs]))
     for r in full:
         dice = [r[p]["dice_mean"] for p in pairs]
         secs = np.mean([r[p]["seconds"] for p in pairs])
-        lines.append("| " + " | ".join([str(r[k]) for k in SWEPT] + [f"{d:.4f}" for d in dice]
+        cells = [f"{r[p]['dice_mean']:.4f} | {r[p]['sdlogj']:.3f}" for p in pairs]
+        lines.append("| " + " | ".join([str(r[k]) for k in SWEPT] + cells
                                       + [f"{np.mean(dice):.4f}", f"{secs:.0f}"]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -110,12 +114,13 @@ def main(argv=None) -> None:
     parser.add_argument("--no-balance", action="store_true")
     parser.add_argument("--shard", default="0/1", help="i/n: run jobs i, i+n, ...")
     parser.add_argument("--summary", action="store_true", help="print the table of OUTDIR's runs and exit")
+    parser.add_argument("--max-sdlogj", type=float, help="--summary: only settings with SDlogJ <= this on every pair")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     out = Path(args.outdir)
     path = out / "ffd_sweep.jsonl"
     if args.summary:
-        print(summary(path, args.pairs))
+        print(summary(path, args.pairs, args.max_sdlogj))
         return
     torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
