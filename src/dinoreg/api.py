@@ -163,18 +163,16 @@ def _attach_labels_and_metrics(result: Result, mov_orig: Image, scoring: tuple[n
                                eval_labels: Sequence[int] | None, fixed_mask: np.ndarray | None) -> None:
     fix_img = result.fixed
     fseg, mseg, flms, mlms = scoring
-    warped_seg = None
-    if mseg is not None:
+    if mseg is not None:  # warped once: the saved warped labels are the ones scored
         if mov_orig.same_grid(fix_img):
             result.warped_labels = l2r_metrics.warp_segmentation(mseg, result.disp)
         else:  # one nearest-neighbour lookup from the labels' own grid through world space
-            warped_seg = warp_original(mseg, mov_orig.affine, result.disp, fix_img.affine, order=0)
-            result.warped_labels = warped_seg
+            result.warped_labels = warp_original(mseg, mov_orig.affine, result.disp, fix_img.affine, order=0)
     if (fseg is not None and mseg is not None) or flms is not None:
         result.metrics = l2r_metrics.evaluate_pair(
             result.disp, fixed_seg=fseg if mseg is not None else None, moving_seg=mseg if fseg is not None else None,
             labels=None if eval_labels is None else list(eval_labels), fixed_lms=flms, moving_lms=mlms,
-            spacing=tuple(float(s) for s in fix_img.spacing), fixed_mask=fixed_mask, warped_seg=warped_seg)
+            spacing=tuple(float(s) for s in fix_img.spacing), fixed_mask=fixed_mask, warped_seg=result.warped_labels)
 
 
 def warp(image: ImageLike, disp: Any, fixed: ImageLike | None = None, labels: bool = False) -> Image:
