@@ -28,6 +28,9 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup-steps", type=int, default=150, help="linear learning-rate warm-up, steps")
+    p.add_argument("--teacher-temp-warmup", type=int, default=300,
+                   help="steps over which the teacher temperature rises from 0.04 to 0.07")
     p.add_argument("--embed-dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -79,7 +82,10 @@ def _pretrain(args: argparse.Namespace) -> int:
                         window=max(args.global_size, 48 // args.patch_size * args.patch_size))
     augment = dataclasses.replace(AugmentConfig(), global_size=args.global_size,
                                   local_size=max(args.patch_size, args.global_size // 2 // args.patch_size * args.patch_size))
+    if args.warmup_steps < 0 or args.teacher_temp_warmup < 0:
+        raise DinoregError("--warmup-steps and --teacher-temp-warmup must be >= 0")
     config = PretrainConfig(model=model, augment=augment, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            warmup_steps=args.warmup_steps, teacher_temp_warmup=args.teacher_temp_warmup,
                             ibot_weight=args.ibot_weight, dino_weight=args.dino_weight, dense_weight=args.dense_weight,
                             koleo_weight=args.koleo_weight, centering=args.centering, views=args.views,
                             checkpoint_every=args.checkpoint_every, seed=args.seed)

@@ -84,14 +84,19 @@ class SynthConfig:
 
 @dataclass
 class Subject:
-    """A label map ``(I, J, K)`` long (values ``0 .. n_labels-1``) and an optional image in ``[0, 1]``."""
+    """A label map ``(I, J, K)`` long (values ``0 .. n_labels-1``) and an optional image in ``[0, 1]``.
+
+    ``labels_float`` is the same map as float32 ``(1, 1, I, J, K)`` (what ``grid_sample`` reads),
+    converted once; ``n_labels`` is computed once too.
+    """
 
     labels: torch.Tensor
     image: torch.Tensor | None = None
 
-    @property
-    def n_labels(self) -> int:
-        return int(self.labels.max()) + 1
+    def __post_init__(self) -> None:
+        self.labels_float = self.labels[None, None].float()
+        self.image_5d = None if self.image is None else self.image[None, None].float()
+        self.n_labels = int(self.labels.max()) + 1
 
 
 def relabel(labels: torch.Tensor) -> torch.Tensor:
@@ -208,10 +213,10 @@ def render(labels: torch.Tensor, image: torch.Tensor | None, n_labels: int, gen:
 def _sample_views(subject: Subject, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Labels (nearest, 0 outside) and image (trilinear, 0 outside) at source coordinates ``(3, *out)``."""
     c = coords[None].float()
-    labels = sample(subject.labels[None, None].float(), c, mode="nearest", padding_mode="zeros")[0, 0].long()
+    labels = sample(subject.labels_float, c, mode="nearest", padding_mode="zeros")[0, 0].long()
     image = None
-    if subject.image is not None:
-        image = sample(subject.image[None, None], c, mode="bilinear", padding_mode="zeros")[0, 0]
+    if subject.image_5d is not None:
+        image = sample(subject.image_5d, c, mode="bilinear", padding_mode="zeros")[0, 0]
     return labels, image
 
 

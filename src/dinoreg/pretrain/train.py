@@ -46,7 +46,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -318,7 +318,8 @@ def train_step(state: TrainState, cfg: PretrainConfig, volumes: list[torch.Tenso
     p = cfg.model.patch_size
     pairs = None
     if cfg.views == "pairs":
-        batch = make_pair_batch(volumes, fgs, weights, cfg.batch_size, gen, cfg.augment, cfg.synth)  # type: ignore[arg-type]
+        aug = cfg.augment if cfg.dino_weight > 0 else replace(cfg.augment, n_local=0)  # locals serve DINO only
+        batch = make_pair_batch(volumes, fgs, weights, cfg.batch_size, gen, aug, cfg.synth)  # type: ignore[arg-type]
         globals_, locals_ = batch["globals"], batch["locals"]
         corr, valid = token_correspondence(batch["corr"], batch["fg_b"], p)
         pairs = (corr.to(device), valid.to(device))
