@@ -140,9 +140,10 @@ def dino3d_features(path: str | None, random_init: bool = False, overlap: float 
     return Dino3DEncoder(model, overlap=overlap).encode
 
 
-def run(encoders: dict[str, Callable], shared: Path, work: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """``{encoder: {probe: {"hit", "epe", "seconds"}}}``."""
-    cases = probes(shared, work)
+def run(encoders: dict[str, Callable], shared: Path, work: Path,
+        only: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """``{encoder: {probe: {"hit", "epe", "seconds"}}}`` (``only``: a subset of the probes)."""
+    cases = {k: v for k, v in probes(shared, work).items() if not only or k in only}
     results: dict[str, dict[str, dict[str, float]]] = {}
     for name, enc in encoders.items():
         results[name] = {}
@@ -174,9 +175,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--no-baselines", action="store_true", help="only the given checkpoints")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--probes", nargs="*", default=None, help="a subset: brain ct brats-t2-t1ce brats-flair-t1")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    encoders: dict[str, Callable] = {Path(w).stem if Path(w).stem != "dino3d" else str(w): dino3d_features(w)
+    encoders: dict[str, Callable] = {f"{Path(w).parent.parent.name}/{Path(w).stem}": dino3d_features(w)
                                      for w in args.weights}
     if not args.no_baselines:
         arch = args.weights[0] if args.weights else None
@@ -184,7 +186,7 @@ def main() -> None:
         encoders["shipped"] = dino3d_features(None)
         encoders["raw 4^3 patches"] = patch_features
         encoders["MIND-SSC (4^3 mean)"] = mind_features
-    results = run(encoders, args.shared.resolve(), args.work)
+    results = run(encoders, args.shared.resolve(), args.work, args.probes)
     print(table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

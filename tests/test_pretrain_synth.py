@@ -63,7 +63,7 @@ def test_pair_correspondence_is_exact_without_rendering_changes():
         inside = ((p["corr"] >= 0) & (p["corr"] <= 15)).all(0)
         warped = sample(p["a"][None], p["corr"][None])[0, 0]
         pearson = lambda x, y: float(torch.corrcoef(torch.stack([x[inside], y[inside]]))[0, 1])  # noqa: E731
-        assert pearson(warped, b) > 0.995 and pearson(warped, b) > pearson(a, b)
+        assert pearson(warped, b) > 0.98 and pearson(warped, b) > pearson(a, b)
 
 
 def test_pair_batch_is_seeded_and_contrasts_differ():
@@ -174,3 +174,12 @@ def test_dense_only_learns_and_skips_the_teacher(tmp_path):
     from dinoreg.errors import DinoregError
     with pytest.raises(DinoregError, match="views='pairs'"):
         replace(PAIRS, views="multicrop")
+
+
+def test_same_contrast_pairs_share_the_rendering():
+    subject = subject_from_labels((_phantom((40, 40, 40), seed=4) * 6).long())
+    aug = AugmentConfig(global_size=16, n_local=0, foreground_prob=1.0)
+    cfg = SynthConfig(same_contrast_prob=1.0, disp_max=0.0, pair_shift=0.0, pair_rotation_deg=0.0,
+                      pair_scale=(1.0, 1.0), noise_std=0.0)
+    p = synth_pair(subject, label_foreground(subject, 2), torch.Generator().manual_seed(0), aug, cfg)
+    assert torch.allclose(p["a"], p["b"], atol=1e-5)  # no motion + one draw: identical views

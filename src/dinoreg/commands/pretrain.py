@@ -43,6 +43,8 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--centering", choices=("sinkhorn", "ema"), default="sinkhorn", help="teacher centring")
     p.add_argument("--views", choices=("pairs", "multicrop"), default="pairs",
                    help="pairs: deformed, re-contrasted pairs with known correspondence; multicrop: DINO crops")
+    p.add_argument("--same-contrast", type=float, default=0.0,
+                   help="probability that both views of a pair share one contrast (mono-modal pairs)")
     p.add_argument("--global-size", type=int, default=32, help="edge of the global views, voxels")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--snapshots", action="store_true",
@@ -59,6 +61,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from dinoreg.errors import DinoregError
     from dinoreg.features.vit3d import ViT3DConfig
     from dinoreg.pretrain.augment import AugmentConfig
+    from dinoreg.pretrain.synth import SynthConfig
     from dinoreg.pretrain.data import list_label_maps, list_volumes, load_label_maps, load_volumes
     from dinoreg.pretrain.train import PretrainConfig, pretrain
 
@@ -84,7 +87,10 @@ def _pretrain(args: argparse.Namespace) -> int:
                                   local_size=max(args.patch_size, args.global_size // 2 // args.patch_size * args.patch_size))
     if args.warmup_steps < 0 or args.teacher_temp_warmup < 0:
         raise DinoregError("--warmup-steps and --teacher-temp-warmup must be >= 0")
-    config = PretrainConfig(model=model, augment=augment, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    if not 0.0 <= args.same_contrast <= 1.0:
+        raise DinoregError(f"--same-contrast must be in [0, 1], got {args.same_contrast}")
+    synth = dataclasses.replace(SynthConfig(), same_contrast_prob=args.same_contrast)
+    config = PretrainConfig(model=model, augment=augment, synth=synth, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             warmup_steps=args.warmup_steps, teacher_temp_warmup=args.teacher_temp_warmup,
                             ibot_weight=args.ibot_weight, dino_weight=args.dino_weight, dense_weight=args.dense_weight,
                             koleo_weight=args.koleo_weight, centering=args.centering, views=args.views,

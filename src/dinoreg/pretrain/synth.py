@@ -20,7 +20,8 @@ One *pair* (:func:`synth_pair`) around a centre of a subject:
   non-monotone look-up table with probability ``lut_prob``; otherwise a Gaussian mixture on the
   labels (random mean and spread per label). Then blur, a lower resolution along one axis, a
   multiplicative smooth bias field, rescaling to ``[0, 1]``, gamma and noise. A CT-like and an
-  MR-like view of one anatomy thus look alike only through their shapes.
+  MR-like view of one anatomy thus look alike only through their shapes. With probability
+  ``same_contrast_prob`` both views share one rendering draw (a mono-modal pair).
 
 All randomness flows from the ``torch.Generator`` passed in (checkpointed by the trainer).
 Layouts: volumes ``(I, J, K)``; views ``(1, G, G, G)``; correspondences ``(3, G, G, G)``.
@@ -60,6 +61,8 @@ class SynthConfig:
         disp_max: standard deviation of the smooth displacement, voxels of the view.
         disp_grid: control points per axis of that displacement.
         n_clusters: intensity classes of :func:`pseudo_labels` for unlabelled images.
+        same_contrast_prob: probability that B is rendered with A's draw (same contrast, bias,
+            blur, noise pattern): a mono-modal pair, an easier task that teaches geometry first.
     """
 
     real_prob: float = 0.3
@@ -80,6 +83,7 @@ class SynthConfig:
     disp_max: float = 2.0
     disp_grid: int = 4
     n_clusters: int = 10
+    same_contrast_prob: float = 0.0
 
 
 @dataclass
@@ -256,8 +260,13 @@ def synth_pair(subject: Subject, fg: torch.Tensor, gen: torch.Generator, aug: Au
     n = subject.n_labels
     lab_a, img_a = _sample_views(subject, source_coordinates(centre, m, grid_a))
     lab_b, img_b = _sample_views(subject, source_coordinates(centre, m, corr))
-    a = render(lab_a, img_a, n, gen, cfg)
-    b = render(lab_b, img_b, n, gen, cfg)
+    if float(torch.rand(1, generator=gen)) < cfg.same_contrast_prob:
+        seed = int(torch.randint(2 ** 62, (1,), generator=gen))
+        a = render(lab_a, img_a, n, torch.Generator().manual_seed(seed), cfg)
+        b = render(lab_b, img_b, n, torch.Generator().manual_seed(seed), cfg)
+    else:
+        a = render(lab_a, img_a, n, gen, cfg)
+        b = render(lab_b, img_b, n, gen, cfg)
     locals_ = []
     for _ in range(aug.n_local):
         ml = view_matrix(gen, aug.local_scale, aug.max_rotation_deg, aug.flip_prob)
