@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from dinoreg.errors import DinoregError
 from dinoreg.features.base import EncoderSpec
 from dinoreg.methods.registry import MethodSpec, method
 from dinoreg.optim.convex import ConvexConfig
