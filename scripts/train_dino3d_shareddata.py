@@ -15,7 +15,8 @@ from dinoreg.pretrain.train import PretrainConfig, pretrain
 if __name__ == "__main__":
     torch.set_num_threads(1)
     data, out_dir = sys.argv[1], sys.argv[2]
-    config = PretrainConfig()
+    # the recipe of the shipped smoke-test weights: DINO + iBOT on multi-crops of the real volumes
+    config = PretrainConfig(views="multicrop", dense_weight=0.0, koleo_weight=0.0, centering="ema", out_dim=1024)
     if len(sys.argv) > 3:
         config = replace(config, steps=int(sys.argv[3]))
     paths = list_volumes(data)

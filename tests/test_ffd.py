@@ -169,3 +169,28 @@ def test_2d_registration_with_features_in_the_loss():
                           iterations=60, lr=0.1)
     disp = reg.register(fixed, moving, mask=(fixed > 0.05))
     assert (disp - truth).norm(dim=1)[brain].mean() < 0.5 * truth.norm(dim=1)[brain].mean()
+
+
+def test_feature_layer_compares_an_intermediate_block_of_dinov2():
+    from dinoreg.features.dinov2 import DINOv2, arch_config
+
+    torch.manual_seed(0)
+    net = DINOv2(arch_config("vits14")).eval()           # random weights: checks the plumbing
+    x = net.preprocess(torch.rand(1, 1, 28, 42))
+    last, _ = net.forward(x)
+    assert torch.equal(net.forward(x, layer=len(net.blocks))[0], last)
+    mid, _ = net.forward(x, layer=3)
+    tokens = net.patch_embed(x).flatten(2).transpose(1, 2)
+    tokens = torch.cat([net.cls_token, tokens], 1) + net.position_embedding(2, 3)
+    for block in net.blocks[:3]:
+        tokens = block(tokens)
+    expected = net.norm(tokens)[:, 1:].transpose(1, 2).reshape(1, -1, 2, 3)
+    assert torch.allclose(mid, expected, atol=1e-5) and not torch.allclose(mid, last)
+    with pytest.raises(DinoregError, match="layer"):
+        net.forward(x, layer=len(net.blocks) + 1)
+    reg = FFDRegistration(net, alpha=0.3, feature_layer=3, iterations=1, grid_spacing=8)
+    reg.register(torch.rand(1, 1, 28, 28), torch.rand(1, 1, 28, 28))
+    assert reg.history[0]["feature"] > 0 and torch.isfinite(reg.control).all()
+    with pytest.raises(DinoregError, match="feature_layer"):
+        FFDRegistration(TinyConvEncoder(), alpha=0.3, feature_layer=3)   # no layer= in its forward
+    FFDRegistration(TinyConvEncoder(), alpha=0.3, feature_layer=0)

@@ -63,7 +63,9 @@ def inputs(tmp_path_factory) -> Path:
     write_nifti(d / "m.nii.gz", np.roll(vol, 1, axis=0))
     write_nifti(d / "fseg.nii.gz", seg)
     write_nifti(d / "mseg.nii.gz", np.roll(seg, 1, axis=0))
-    write_nifti(d / "mseg_small.nii.gz", seg[:8])
+    away = np.eye(4)
+    away[:3, 3] = -1000.0  # label maps on another grid are mapped through their affine: this one misses
+    write_nifti(d / "mseg_small.nii.gz", seg[:8], away)
     write_nifti(d / "disp.nii.gz", np.zeros(SHAPE + (3,), np.float32))
     huge = np.zeros(SHAPE + (3,), np.float32)
     huge[3, 4, 5, 0] = 1e30
@@ -78,7 +80,7 @@ def inputs(tmp_path_factory) -> Path:
     write_nifti(d / "four_d.nii.gz", np.stack([vol, vol], axis=-1))
     write_nifti(d / "one_voxel.nii.gz", np.ones((1, 1, 1), np.float32))
     write_nifti(d / "constant.nii.gz", np.ones(SHAPE, np.float32))
-    write_nifti(d / "thin.nii.gz", vol[:5])
+    write_nifti(d / "thin.nii.gz", np.ascontiguousarray(vol[:, SHAPE[1] // 2:SHAPE[1] // 2 + 1, SHAPE[2] // 2:SHAPE[2] // 2 + 1]))  # 1D
     nan_vol = vol.copy()
     nan_vol[2, 2, 2] = np.nan
     write_nifti(d / "nan_image.nii.gz", nan_vol)
@@ -90,7 +92,9 @@ def inputs(tmp_path_factory) -> Path:
     nan_affine = np.eye(4)
     nan_affine[0, 0] = np.nan
     _nifti_sform(d / "nan_affine.nii.gz", vol, nan_affine)
-    write_nifti(d / "mask_small.nii.gz", np.ones((8, 8, 8), np.uint8))
+    far = np.eye(4)
+    far[:3, 3] = 1000.0  # a mask on another grid is mapped through its affine: this one lies 1 m away
+    write_nifti(d / "mask_small.nii.gz", np.ones((8, 8, 8), np.uint8), far)
     (d / "lm.csv").write_text("1,2,3\n4,5,6\n")
     (d / "lm_two_columns.csv").write_text("1,2\n4,5\n")
     (d / "lm_text.csv").write_text("1,2,3\nx,y,z\n")
@@ -164,8 +168,8 @@ CASES = {
     "four_d": (["register", "{in}/f.nii.gz", "{in}/four_d.nii.gz", "-o", "{out}", *FAST], ["four_d.nii.gz", "3D"]),
     "one_voxel": (["register", "{in}/one_voxel.nii.gz", "{in}/m.nii.gz", "-o", "{out}", *FAST],
                   ["one_voxel.nii.gz"]),
-    "too_small_for_convex_cells": (["register", "{in}/thin.nii.gz", "{in}/thin.nii.gz", "-o", "{out}", *FAST],
-                                   ["thin.nii.gz", "too small", "--grid-sp"]),
+    "one_dimensional": (["register", "{in}/thin.nii.gz", "{in}/thin.nii.gz", "-o", "{out}", *FAST],
+                        ["thin.nii.gz", "too small", "2 x 2"]),
     "constant": (["register", "{in}/f.nii.gz", "{in}/constant.nii.gz", "-o", "{out}", *FAST],
                  ["constant.nii.gz", "constant"]),
     "nan_image": (["register", "{in}/f.nii.gz", "{in}/nan_image.nii.gz", "-o", "{out}", *FAST],
@@ -182,8 +186,9 @@ CASES = {
                                ["singular.nii.gz", "degenerate"]),
     "nan_affine": (["register", "{in}/nan_affine.nii.gz", "{in}/m.nii.gz", "-o", "{out}", *FAST],
                    ["nan_affine.nii.gz", "NaN"]),
-    "mask_other_shape": (REGISTER + ["--fixed-mask", "{in}/mask_small.nii.gz"], ["mask_small.nii.gz"]),
-    "labels_other_shape": (REGISTER + ["--moving-labels", "{in}/mseg_small.nii.gz"], ["mseg_small.nii.gz"]),
+    "mask_not_overlapping": (REGISTER + ["--fixed-mask", "{in}/mask_small.nii.gz"], ["mask_small.nii.gz", "overlap"]),
+    "labels_not_overlapping": (REGISTER + ["--moving-labels", "{in}/mseg_small.nii.gz"],
+                               ["mseg_small.nii.gz", "overlap"]),
     "labels_complex": (REGISTER + ["--fixed-labels", "{in}/fseg.nii.gz", "--moving-labels", "{in}/complex.npy"],
                        ["complex.npy", "complex"]),
     # inputs that only work in pairs
@@ -242,7 +247,7 @@ CASES = {
                                       ["small_grid.nii.gz"]),
     "evaluate_singular_fixed": (["evaluate", "{in}/disp.nii.gz", "--fixed", "{in}/singular.nii.gz"],
                                 ["singular.nii.gz"]),
-    "evaluate_mask_other_shape": (["evaluate", "{in}/disp.nii.gz", "--fixed-mask", "{in}/mask_small.nii.gz"],
+    "evaluate_mask_not_overlapping": (["evaluate", "{in}/disp.nii.gz", "--fixed-mask", "{in}/mask_small.nii.gz"],
                                   ["mask"]),
     # export
     "export_huge_field": (["export", "{in}/huge.nii.gz", "--fixed", "{in}/f.nii.gz", "--to", "itk",

@@ -25,7 +25,8 @@ TINY = PretrainConfig(
     model=ViT3DConfig(embed_dim=32, depth=2, num_heads=2, window=16),
     augment=AugmentConfig(global_size=16, local_size=8, n_local=2),
     steps=50, batch_size=2, lr=1e-3, warmup_steps=5, teacher_temp=(0.04, 0.04), mask_prob=1.0,
-    out_dim=128, patch_out_dim=128, head_hidden=64, head_bottleneck=32, checkpoint_every=100)
+    out_dim=128, patch_out_dim=128, head_hidden=64, head_bottleneck=32, checkpoint_every=100,
+    views="multicrop", dense_weight=0.0, koleo_weight=0.0, centering="ema")  # the plain DINO + iBOT recipe
 
 
 @pytest.fixture(scope="module")

@@ -29,3 +29,21 @@ def test_pretrain_resumes_and_weights_register(tmp_path, brain_volume):
                  str(write_nifti(tmp_path / "m.nii.gz", np.roll(crop, 2, 0))), "-o", str(tmp_path / "reg"),
                  "--preset", "dino3d", "--weights", str(weights), "--iterations", "3", "--quiet"]) == 0
     assert any(p.name.startswith("disp_") for p in (tmp_path / "reg").iterdir())
+
+
+def test_pretrain_synth_labels_resume_and_mismatch(tmp_path, brain_volume):
+    data = tmp_path / "data"
+    data.mkdir()
+    vol = np.ascontiguousarray(brain_volume[40:88, 56:104, 72:120])
+    write_nifti(data / "a.nii.gz", vol)
+    labels = write_nifti(tmp_path / "labels_seg.nii.gz", (vol > np.percentile(vol, 60)).astype(np.float32) * 3)
+    out = tmp_path / "run"
+    args = ["pretrain", str(data), "-o", str(out), "--synth-labels", str(labels), "--global-size", "16",
+            "--same-contrast", "0.5", "--snapshots", *TINY]
+    assert main([*args, "--steps", "2"]) == 0
+    assert main([*args, "--steps", "3"]) == 0  # resumes at step 2
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("dense" in r and "cls_entropy" in r for r in rows)
+    assert (out / "snapshots" / "dino3d_step000002.safetensors").is_file()
+    no_labels = [a for a in args if a not in ("--synth-labels", str(labels))]
+    assert main([*no_labels, "--steps", "4"]) == 2  # other data than the checkpoint: a one-line error

@@ -98,6 +98,8 @@ def test_changing_method_takes_that_methods_defaults():
         resolve("ffd", {"features": "mind"})
     with pytest.raises(DinoregError, match="'alpha' > 0 needs an encoder"):
         resolve("ffd", {"alpha": 0.3})
+    with pytest.raises(DinoregError, match="'feature_layer' 6 needs the dinov2 encoder"):
+        resolve("ffd", {"features": "litemedsam", "alpha": 0.3, "feature_layer": 6})
     with pytest.raises(DinoregError, match="needs at least one encoder"):
         resolve("mind", {"features": "none"})
 

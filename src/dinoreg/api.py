@@ -20,7 +20,7 @@ import torch
 from dinoreg import metrics as l2r_metrics
 from dinoreg.errors import DinoregError
 from dinoreg.io.fields import as_field, field_grid
-from dinoreg.io.images import Image, as_image, load_image, resample_to_grid, to_fixed_grid
+from dinoreg.io.images import Image, as_image, has_geometry, load_image, on_image_grid
 from dinoreg.io.landmarks import load_landmarks, voxel_to_world, world_to_voxel
 from dinoreg.pair import RegistrationPair
 from dinoreg.pipeline import ImageLike, prepare, resolve_device, run
@@ -33,6 +33,7 @@ from dinoreg.result import Result
 from dinoreg.spatial.affine import feature_affine
 from dinoreg.spatial.grid import field_from_numpy, field_to_numpy
 from dinoreg.spatial.grid import warp as warp_tensor
+from dinoreg.spatial.world import compose_world_affine, warp_original
 
 __all__ = ["Result", "register", "warp", "evaluate", "encode", "resolve_spec"]
 
@@ -71,7 +72,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind", 
             an unknown key or a value out of range raises :class:`DinoregError` before any work.
         fixed_mask, moving_mask: foreground masks; default: normalised intensity > ``mask_threshold``.
         fixed_labels, moving_labels: label maps; moving labels are warped, and with both, Dice and
-            HD95 are computed (over ``eval_labels`` when given); fixed labels alone are an error.
+            HD95 are computed (over ``eval_labels`` when given); fixed labels alone are an error. Label
+            maps on another grid than their image are mapped (nearest) through their own affines.
         fixed_landmarks, moving_landmarks: CSV files for TRE (both or neither).
         landmarks_space: ``voxel`` (i, j, k rows), ``ras`` or ``lps`` (world mm).
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -88,19 +90,28 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind", 
         require_both(fixed_labels, moving_labels, "labels")
     _seed(resolved.seed)
     reporter = Progress(progress)
-    prepared = prepare(fixed, moving, resolved, dev, fixed_mask, moving_mask)
+    prepared = prepare(fixed, moving, resolved, dev, fixed_mask, moving_mask, progress=reporter)
     scoring = _load_scoring_inputs(prepared.fixed, prepared.moving_original, fixed_labels, moving_labels,
                                    fixed_landmarks, moving_landmarks, landmarks_space)  # bad input: before any work
-    timings = {"load": time.perf_counter() - t0}
+    timings = {"load": time.perf_counter() - t0 - prepared.init_seconds}
+    if prepared.world is not None:
+        timings["init"] = prepared.init_seconds
     disp_t, run_timings = run(resolved, prepared.pair, reporter)
     timings.update(run_timings)
     disp = field_to_numpy(disp_t)
-    mov_t = torch.from_numpy(np.ascontiguousarray(prepared.moving.array, dtype=np.float32)).to(dev)[None, None]
-    warped = warp_tensor(mov_t, disp_t.to(dev), padding_mode="zeros")[0, 0].cpu().numpy()
+    mov_orig = prepared.moving_original
+    if prepared.world is None and mov_orig.same_grid(prepared.fixed):
+        mov_t = torch.from_numpy(np.ascontiguousarray(prepared.moving.array, dtype=np.float32)).to(dev)[None, None]
+        warped = warp_tensor(mov_t, disp_t.to(dev), padding_mode="zeros")[0, 0].cpu().numpy()
+    else:
+        # the composite field (initial alignment included) and one interpolation of the original image
+        if prepared.world is not None:
+            disp = compose_world_affine(disp, prepared.fixed.affine, prepared.world)
+        warped = warp_original(mov_orig.array, mov_orig.affine, disp, prepared.fixed.affine, order=1)
     settings = {"preset": preset_name if spec is None else None, **resolved.to_dict()}
     result = Result(disp=disp, fixed=prepared.fixed, warped=warped, timings=timings, settings=settings,
                     moving_path=prepared.moving_original.path, moving=prepared.moving.array)
-    _attach_labels_and_metrics(result, scoring, eval_labels, prepared.pair.user_fixed_mask)
+    _attach_labels_and_metrics(result, prepared.moving_original, scoring, eval_labels, prepared.pair.user_fixed_mask)
     timings["total"] = time.perf_counter() - t0
     return result
 
@@ -118,6 +129,12 @@ def _label_image(obj: ImageLike, name: str) -> Image:
     return img.with_array(check_labels(img.array, img.name))
 
 
+def _labels_on(obj: ImageLike, image: Image, name: str) -> Image:
+    """A label map on ``image``'s grid: resampled (nearest) from its own affine when it has one
+    and lies on another grid, else it must have the image's shape."""
+    return on_image_grid(_label_image(obj, name), image, has_geometry(obj), name)
+
+
 def _moving_landmarks_on_fixed_grid(path: ImageLike, moving: Image, fixed: Image, space: str) -> np.ndarray:
     points = load_landmarks(path, moving, space=space)
     if moving.same_grid(fixed):
@@ -128,21 +145,11 @@ def _moving_landmarks_on_fixed_grid(path: ImageLike, moving: Image, fixed: Image
 def _load_scoring_inputs(fix_img: Image, mov_orig: Image, fixed_labels: ImageLike | None,
                          moving_labels: ImageLike | None, fixed_landmarks: Any, moving_landmarks: Any,
                          space: str) -> tuple[np.ndarray | None, ...]:
-    """``(fixed labels, moving labels on the fixed grid, fixed landmarks, moving landmarks)`` in
-    voxels of the fixed grid (``None`` where not given), read and checked before registering."""
-    fseg = mseg = None
-    if moving_labels is not None:
-        mlab = _label_image(moving_labels, "moving labels")
-        if mlab.shape != mov_orig.shape:
-            raise DinoregError(f"label map grid {mlab.shape} does not match the moving image {mov_orig.shape}",
-                               mlab.name)
-        mseg = to_fixed_grid(Image(mlab.array, mov_orig.affine, mlab.path), fix_img, order=0).array
-    if fixed_labels is not None:
-        flab = _label_image(fixed_labels, "fixed labels")
-        if flab.shape != fix_img.shape:
-            raise DinoregError(f"label map grid {flab.shape} does not match the fixed image {fix_img.shape}",
-                               flab.name)
-        fseg = flab.array
+    """``(fixed labels on the fixed grid, moving labels on the moving image's own grid, fixed
+    landmarks, moving landmarks in fixed voxels)`` (``None`` where not given), read and checked
+    before registering."""
+    mseg = None if moving_labels is None else _labels_on(moving_labels, mov_orig, "moving labels").array
+    fseg = None if fixed_labels is None else _labels_on(fixed_labels, fix_img, "fixed labels").array
     flms = mlms = None
     if fixed_landmarks is not None and moving_landmarks is not None:
         flms = load_landmarks(fixed_landmarks, fix_img, space=space)
@@ -152,16 +159,20 @@ def _load_scoring_inputs(fix_img: Image, mov_orig: Image, fixed_labels: ImageLik
     return fseg, mseg, flms, mlms
 
 
-def _attach_labels_and_metrics(result: Result, scoring: tuple[np.ndarray | None, ...],
+def _attach_labels_and_metrics(result: Result, mov_orig: Image, scoring: tuple[np.ndarray | None, ...],
                                eval_labels: Sequence[int] | None, fixed_mask: np.ndarray | None) -> None:
+    fix_img = result.fixed
     fseg, mseg, flms, mlms = scoring
-    if mseg is not None:
-        result.warped_labels = l2r_metrics.warp_segmentation(mseg, result.disp)
+    if mseg is not None:  # warped once: the saved warped labels are the ones scored
+        if mov_orig.same_grid(fix_img):
+            result.warped_labels = l2r_metrics.warp_segmentation(mseg, result.disp)
+        else:  # one nearest-neighbour lookup from the labels' own grid through world space
+            result.warped_labels = warp_original(mseg, mov_orig.affine, result.disp, fix_img.affine, order=0)
     if (fseg is not None and mseg is not None) or flms is not None:
         result.metrics = l2r_metrics.evaluate_pair(
             result.disp, fixed_seg=fseg if mseg is not None else None, moving_seg=mseg if fseg is not None else None,
             labels=None if eval_labels is None else list(eval_labels), fixed_lms=flms, moving_lms=mlms,
-            spacing=tuple(float(s) for s in result.fixed.spacing), fixed_mask=fixed_mask)
+            spacing=tuple(float(s) for s in fix_img.spacing), fixed_mask=fixed_mask, warped_seg=result.warped_labels)
 
 
 def warp(image: ImageLike, disp: Any, fixed: ImageLike | None = None, labels: bool = False) -> Image:
@@ -180,15 +191,13 @@ def warp(image: ImageLike, disp: Any, fixed: ImageLike | None = None, labels: bo
     field_img = as_field(disp)
     grid_affine = field_grid(field_img, None if fixed is None else as_image(fixed, "fixed")).affine
     shape = tuple(field_img.array.shape[:3])
-    if labels:
-        src = _label_image(image, "moving labels")
-        src = src if src.same_grid(Image(np.zeros(shape), grid_affine)) else Image(
-            resample_to_grid(src, shape, grid_affine, order=0), grid_affine, src.path)
-        out = l2r_metrics.warp_segmentation(src.array, field_img.array)
-        return Image(out, grid_affine, None)
-    src = as_image(image, "moving")
     target = Image(np.zeros(shape, np.float32), grid_affine)
-    src = to_fixed_grid(src, target, order=1)
+    src = _label_image(image, "moving labels") if labels else as_image(image, "moving")
+    if not src.same_grid(target):  # fixed voxel -> moving world -> moving voxel: one interpolation
+        out = warp_original(src.array, src.affine, field_img.array, grid_affine, order=0 if labels else 1)
+        return Image(out, grid_affine, None)
+    if labels:
+        return Image(l2r_metrics.warp_segmentation(src.array, field_img.array), grid_affine, None)
     mov_t = torch.from_numpy(np.ascontiguousarray(src.array, dtype=np.float32))[None, None]
     out = warp_tensor(mov_t, field_from_numpy(field_img.array), padding_mode="zeros")[0, 0].numpy()
     return Image(out, grid_affine, None)
@@ -203,15 +212,17 @@ def evaluate(disp: Any, fixed_labels: ImageLike | None = None, moving_labels: Im
     require_both(fixed_landmarks, moving_landmarks, "landmarks")
     field_img = as_field(disp)
     grid = field_grid(field_img, None if fixed is None else as_image(fixed, "fixed"))
-    flab = _label_image(fixed_labels, "fixed labels") if fixed_labels is not None else None
-    fseg = flab.array if flab is not None else None
-    mseg = mlab = None
+    # label maps on other grids than the field's (e.g. 1 mm labels, a 2 mm field) are mapped onto
+    # it through their own affines, nearest neighbour; without overlap: one error
+    fseg = _labels_on(fixed_labels, grid, "fixed labels").array if fixed_labels is not None else None
+    mseg = warped_seg = None
     if moving_labels is not None:
-        mlab = _label_image(moving_labels, "moving labels")
-        mref = as_image(moving, "moving") if moving is not None else None
-        geom = Image(mlab.array, mref.affine if mref is not None else mlab.affine, mlab.path)
-        mseg = to_fixed_grid(geom, grid, order=0).array
-    for seg, name in ((fseg, flab and flab.name), (mseg, mlab and mlab.name)):
+        mref = as_image(moving, "moving") if moving is not None else grid
+        mlab = _labels_on(moving_labels, mref, "moving labels")
+        mseg = mlab.array
+        if not mlab.same_grid(grid):  # one nearest-neighbour lookup through world space
+            warped_seg = warp_original(mlab.array, mlab.affine, field_img.array, grid.affine, order=0)
+    for seg, name in ((fseg, "fixed labels"), (mseg if warped_seg is None else None, "moving labels")):
         if seg is not None and seg.shape != grid.shape:
             raise DinoregError(f"label grid {seg.shape} does not match the field grid {grid.shape}", name)
     flms = mlms = None
@@ -219,11 +230,15 @@ def evaluate(disp: Any, fixed_labels: ImageLike | None = None, moving_labels: Im
         flms = load_landmarks(fixed_landmarks, grid, space=landmarks_space)
         mref = as_image(moving, "moving") if moving is not None else grid
         mlms = _moving_landmarks_on_fixed_grid(moving_landmarks, mref, grid, landmarks_space)
-    mask = check_mask(as_image(fixed_mask, "fixed mask").array, "fixed mask") if fixed_mask is not None else None
+    mask = None
+    if fixed_mask is not None:
+        mask = check_mask(on_image_grid(as_image(fixed_mask, "fixed mask"), grid, has_geometry(fixed_mask),
+                                        "fixed mask").array, "fixed mask")
     return l2r_metrics.evaluate_pair(field_img.array, fixed_seg=fseg, moving_seg=mseg,
                                      labels=None if eval_labels is None else list(eval_labels),
                                      fixed_lms=flms, moving_lms=mlms,
-                                     spacing=tuple(float(s) for s in grid.spacing), fixed_mask=mask)
+                                     spacing=tuple(float(s) for s in grid.spacing), fixed_mask=mask,
+                                     warped_seg=warped_seg)
 
 
 def encode(image: ImageLike, *, features: str = "dinov2", preset_name: str = "dinoreg-fast",

@@ -138,6 +138,9 @@ def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid-sp-adam", type=int, help="Adam cell size, voxels")
     p.add_argument("--no-ic", action="store_true", help="skip inverse consistency in the convex stage")
     p.add_argument("--seed", type=int, help="seed (default 0): same seed and device, same field")
+    p.add_argument("--init", choices=["none", "centre", "moments", "affine"],
+                   help="initial alignment before the deformable stages (default none): image centres, centres of "
+                        "mass, or a 12-dof affine on MIND-SSC from the centres of mass")
     p.add_argument("--name", help="file name of the field (default: Learn2Reg naming)")
     p.add_argument("--qc", action="store_true", help="also write a quality-control PNG (qc_*.png)")
     add_set_option(p)
@@ -156,7 +159,7 @@ def register_overrides(args: argparse.Namespace) -> dict[str, Any]:
                      grid_sp_adam=args.grid_sp_adam, ic=False if args.no_ic else None, seed=args.seed,
                      mask_threshold=args.mask_threshold, fixed_modality=args.fixed_modality,
                      moving_modality=args.moving_modality, ct_window=args.ct_window,
-                     mr_percentile=args.mr_percentile)
+                     mr_percentile=args.mr_percentile, init=args.init)
     overrides.update(parse_overrides(args.overrides))
     return overrides
 

@@ -25,7 +25,12 @@ def ssd(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = N
 
 
 def _box(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Mean over a cube (square) of side ``kernel`` (odd), borders excluded; axes of one voxel
+    (a 2D image stored as one slice) are not filtered."""
     pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
+    sizes = tuple(1 if n == 1 else kernel for n in x.shape[2:])
+    if len(set(sizes)) > 1:
+        return pool(x, sizes, stride=1, padding=tuple(k // 2 for k in sizes), count_include_pad=False)
     return pool(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
 
 

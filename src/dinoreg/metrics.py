@@ -250,7 +250,7 @@ def _check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
 def evaluate_pair(disp: np.ndarray, fixed_seg: np.ndarray | None = None, moving_seg: np.ndarray | None = None,
                   labels: Sequence[int] | None = None, fixed_lms: np.ndarray | None = None,
                   moving_lms: np.ndarray | None = None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                  fixed_mask: np.ndarray | None = None) -> dict[str, Any]:
+                  fixed_mask: np.ndarray | None = None, warped_seg: np.ndarray | None = None) -> dict[str, Any]:
     """All Learn2Reg metrics for one registered pair.
 
     Args:
@@ -261,6 +261,8 @@ def evaluate_pair(disp: np.ndarray, fixed_seg: np.ndarray | None = None, moving_
         spacing: voxel size in mm of the fixed grid (also the moving grid: Learn2Reg assumes one
             grid, and dinoreg resamples the moving image onto the fixed grid).
         fixed_mask: optional fixed-grid mask for SDlogJ and folding.
+        warped_seg: the moving labels already warped onto the fixed grid (e.g. sampled once from
+            their own grid through world space); ``moving_seg`` then only tells which labels exist.
 
     Returns:
         a dict of plain Python values (per-label dicts keyed by the label as a string):
@@ -275,7 +277,7 @@ def evaluate_pair(disp: np.ndarray, fixed_seg: np.ndarray | None = None, moving_
         raise DinoregError("give both the fixed and the moving segmentation, or neither", "segmentation")
     if fixed_seg is not None:
         _check_same_shape(disp[..., 0], fixed_seg, "fixed segmentation")
-        warped = warp_segmentation(moving_seg, disp)
+        warped = warp_segmentation(moving_seg, disp) if warped_seg is None else warped_seg
         labs = list(labels) if labels is not None else _labels((fixed_seg, moving_seg))
         dice = dice_per_label(fixed_seg, warped, labs, moving_seg=moving_seg)
         hd_vox = hd95_per_label(fixed_seg, warped, labs, (1.0, 1.0, 1.0), moving_seg=moving_seg)

@@ -19,8 +19,9 @@ from dinoreg.errors import DinoregError
 from dinoreg.features.base import EncodeRequest, PairFeatures
 from dinoreg.features.ensemble import combine_features
 from dinoreg.features.registry import encoder_entry
-from dinoreg.io.images import Image, as_image, to_fixed_grid
+from dinoreg.io.images import Image, as_image, has_geometry, on_image_grid, to_fixed_grid
 from dinoreg.methods.registry import method_entry
+from dinoreg.optim.initial import InitialStage, resample_through, share_inside
 from dinoreg.pair import RegistrationPair, run_stages
 from dinoreg.preprocess import check_mask, check_not_constant, normalise, threshold_mask
 from dinoreg.progress import Progress
@@ -52,35 +53,78 @@ class PreparedPair:
     pair: RegistrationPair
     fixed: Image
     moving_original: Image
-    moving: Image  # on the fixed grid
+    moving: Image  # on the fixed grid (through ``world`` when given)
+    world: np.ndarray | None = None  # the initial alignment, fixed world -> moving world (4, 4); None: none
+    init_seconds: float = 0.0
+
+
+def check_size(img: Image) -> None:
+    """Refuse an image that is not 2D or 3D: at least two axes need two voxels or more (the
+    smallest supported images are 2 x 2 in 2D and 2 x 2 x 2 in 3D)."""
+    if sum(n > 1 for n in img.shape) < 2:
+        raise DinoregError(f"image of shape {img.shape} is too small: registration needs at least 2 voxels along "
+                           "two axes (smallest supported: 2 x 2 in 2D, 2 x 2 x 2 in 3D)", img.name)
 
 
 def _mask(mask: Image | None, normalised: np.ndarray, reference: Image, threshold: float, name: str) -> np.ndarray:
     if mask is None:
         return check_mask(threshold_mask(normalised, threshold), f"{name} (intensity threshold {threshold})")
-    if not mask.same_grid(reference) and mask.shape != reference.shape:
-        raise DinoregError(f"mask grid {mask.shape} does not match its image grid {reference.shape}", mask.name)
     return check_mask(mask.array, mask.name)
 
 
+def mask_on(obj: ImageLike, image: Image, name: str) -> Image:
+    """A user mask on its image's grid (nearest neighbour from its own affine, see
+    :func:`dinoreg.io.images.on_image_grid`)."""
+    return on_image_grid(as_image(obj, name), image, has_geometry(obj), name)
+
+
+def _check_overlap(fix_img: Image, mov_orig: Image, to_moving: np.ndarray, init: str) -> None:
+    if share_inside(mov_orig.shape, to_moving, fix_img.shape) == 0.0:
+        hint = "; try --init centre, moments or affine" if init == "none" else ""
+        raise DinoregError(f"the fixed and moving images do not overlap in world space (after the initial alignment "
+                           f"init={init}): no fixed voxel falls inside the moving field of view{hint}", mov_orig.name)
+
+
 def prepare(fixed: ImageLike, moving: ImageLike, spec: RegistrationSpec, device: torch.device,
-            fixed_mask: ImageLike | None = None, moving_mask: ImageLike | None = None) -> PreparedPair:
-    """Load, check, resample and normalise a pair as ``spec.preprocess`` says."""
+            fixed_mask: ImageLike | None = None, moving_mask: ImageLike | None = None,
+            progress: Progress | None = None) -> PreparedPair:
+    """Load, check, align (``init``), resample and normalise a pair as ``spec.preprocess`` says."""
     pre = spec.preprocess
     fix_img = as_image(fixed, "fixed")
     spec.method.check_shape(fix_img.shape, fix_img.name)
     mov_orig = as_image(moving, "moving")
+    for img in (fix_img, mov_orig):
+        check_size(img)
     check_not_constant(mov_orig.array, mov_orig.name)
-    mov_img = to_fixed_grid(mov_orig, fix_img, order=1)
     fix_norm = normalise(fix_img.array, pre.intensity("fixed"), fix_img.name)
-    mov_norm = normalise(mov_img.array, pre.intensity("moving"), mov_orig.name)
-    user_fmask = None if fixed_mask is None else as_image(fixed_mask, "fixed mask")
+    world, init_seconds = None, 0.0
+    if pre.init == "none":
+        _check_overlap(fix_img, mov_orig, np.linalg.inv(mov_orig.affine) @ fix_img.affine, pre.init)
+        mov_img = to_fixed_grid(mov_orig, fix_img, order=1)
+        mov_norm = normalise(mov_img.array, pre.intensity("moving"), mov_orig.name)
+    else:
+        start = time.perf_counter()
+        own = normalise(mov_orig.array, pre.intensity("moving"), mov_orig.name)
+        world = InitialStage(pre.init, pre.init_iterations).align(
+            fix_img, fix_norm, mov_orig, own, pre.mask_threshold, device, progress or Progress(False))
+        to_moving = np.linalg.inv(mov_orig.affine) @ world @ fix_img.affine
+        _check_overlap(fix_img, mov_orig, to_moving, pre.init)
+        mov_img = Image(resample_through(mov_orig.array, to_moving, fix_img.shape), fix_img.affine.copy(),
+                        mov_orig.path)
+        mov_norm = resample_through(own, to_moving, fix_img.shape)
+        init_seconds = time.perf_counter() - start
+    user_fmask = None if fixed_mask is None else mask_on(fixed_mask, fix_img, "fixed mask")
     fmask = _mask(user_fmask, fix_norm, fix_img, pre.mask_threshold, fix_img.name)
-    mmask_img = None if moving_mask is None else to_fixed_grid(as_image(moving_mask, "moving mask"), fix_img, order=0)
+    mmask_img = None
+    if moving_mask is not None:
+        own_mask = mask_on(moving_mask, mov_orig, "moving mask")
+        mmask_img = to_fixed_grid(own_mask, fix_img, order=0) if world is None else Image(
+            resample_through(own_mask.array, np.linalg.inv(mov_orig.affine) @ world @ fix_img.affine, fix_img.shape,
+                             order=0), fix_img.affine.copy(), own_mask.path)
     mmask = _mask(mmask_img, mov_norm, fix_img, pre.mask_threshold, mov_orig.name)
     pair = RegistrationPair(fix_norm, mov_norm, fmask, mmask, fmask if user_fmask is not None else None,
                             fix_img.affine, tuple(float(s) for s in fix_img.spacing), device)  # type: ignore[arg-type]
-    return PreparedPair(pair, fix_img, mov_orig, mov_img)
+    return PreparedPair(pair, fix_img, mov_orig, mov_img, world, init_seconds)
 
 
 def encode(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -> list[PairFeatures]:

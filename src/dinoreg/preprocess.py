@@ -70,6 +70,11 @@ class PreprocessSpec(Spec):
                                    high=100.0)
     mask_threshold: float = setting(0.05, "foreground threshold on the [0, 1] intensities (without a mask file)",
                                     low=0.0, high=1.0, high_open=True)
+    init: str = setting("none", "initial alignment before the deformable stages: none, centre (fields of view), "
+                                "moments (centres of mass), affine (12 dof on MIND-SSC, from the centres of mass)",
+                        choices=("none", "centre", "moments", "affine"))
+    init_iterations: int = setting(80, "affine initial alignment: Adam iterations per level (2 levels)",
+                                   low=1, high=100000)
 
     def check(self) -> None:
         if self.ct_window[1] <= 0:

@@ -56,8 +56,9 @@ def _presets() -> dict[str, Preset]:
                                 "lr 3, weight 2, smoothed 7x5 inside every iteration); GPU-sized",
                RegistrationSpec(SmoothedAdamSpec(), (DINOv2Spec(arch="vitl14_reg4", patch_grid=(112, 96), every=3,
                                                                 slice_match=False),))),
-        Preset("ffd", "B-spline FFD with NCC; add features=dinov2|litemedsam|sam|medsam and alpha > 0 for the "
-                      "encoder feature distance (Kögl et al.)",
+        Preset("ffd", "B-spline FFD with NCC (3 mm grid, lambda 0.03, 2x100 steps); add "
+                      "features=dinov2|litemedsam|sam|medsam and alpha > 0 for the encoder feature distance "
+                      "(Kögl et al.; variant 2: features=dinov2 alpha=0.3)",
                RegistrationSpec(FFDSpec(), ())),
     ]
     return {p.name: p for p in items}

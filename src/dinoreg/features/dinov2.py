@@ -230,8 +230,15 @@ class DINOv2(nn.Module):
             grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
         return torch.cat([cls_pos, grid], dim=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Network input ``(B, 3, 14h, 14w)`` -> ``(patch tokens (B, C, h, w), cls (B, C))``."""
+    def forward(self, x: torch.Tensor, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network input ``(B, 3, 14h, 14w)`` -> ``(patch tokens (B, C, h, w), cls (B, C))``.
+
+        ``layer`` 0: the last block's tokens; ``k`` in ``1..depth``: block ``k``'s output (only
+        the first ``k`` blocks run). Either way the final LayerNorm is applied (as DINOv2's
+        ``get_intermediate_layers(norm=True)``)."""
+        depth = len(self.blocks)
+        if not 0 <= int(layer) <= depth:
+            raise DinoregError(f"dinov2 layer must be 0 (last) or 1..{depth}, got {layer}")
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise DinoregError(f"dinov2 input {tuple(x.shape[-2:])} is not a multiple of "
                                f"{self.patch_size}; call preprocess() first")
@@ -243,7 +250,7 @@ class DINOv2(nn.Module):
         if self.register_tokens is not None:
             regs = self.register_tokens.expand(b, -1, -1)
             tokens = torch.cat([tokens[:, :1], regs, tokens[:, 1:]], dim=1)
-        for block in self.blocks:
+        for block in self.blocks[: int(layer) or depth]:
             tokens = block(tokens)
         tokens = self.norm(tokens)
         patches = tokens[:, 1 + self.cfg.registers:].transpose(1, 2).reshape(b, c, h, w)

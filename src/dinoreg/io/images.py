@@ -274,6 +274,54 @@ def save_image(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -
     return p
 
 
+def has_geometry(obj: Any) -> bool:
+    """Whether an image-like input carries its own affine: False for numpy arrays and
+    ``.npy``/``.npz`` files (identity affine by default: they take their image's geometry)."""
+    if isinstance(obj, np.ndarray) or hasattr(obj, "detach"):
+        return False
+    if isinstance(obj, (str, os.PathLike)):
+        return not _has_suffix(Path(obj), NUMPY_SUFFIXES)
+    if isinstance(obj, Image):
+        return obj.path is None or not _has_suffix(Path(obj.path), NUMPY_SUFFIXES)
+    return True
+
+
+def world_overlap(image: Image, reference: Image) -> float:
+    """Share of ``reference``'s voxel centres (on a coarse lattice of at most 16 per axis) that
+    fall inside ``image``'s field of view (within half a voxel of its outer voxel centres)."""
+    axes = [np.linspace(0, n - 1, min(n, 16)) for n in reference.shape]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    world = points @ reference.affine[:3, :3].T + reference.affine[:3, 3]
+    inside = (world - image.affine[:3, 3]) @ np.linalg.inv(image.affine[:3, :3]).T
+    shape = np.asarray(image.shape, dtype=np.float64)
+    ok = np.all((inside >= -0.5) & (inside <= shape - 0.5), axis=1)
+    return float(ok.mean())
+
+
+def on_image_grid(labels: Image, image: Image, geometric: bool = True, what: str = "label map") -> Image:
+    """A label map or mask on its image's grid, nearest neighbour.
+
+    ``labels`` on the same grid as ``image`` is returned as it is. With its own geometry
+    (``geometric``) on another grid it is resampled through the two affines, world space (e.g.
+    stored with a flipped axis and the affine adjusted, or on a finer grid); it must overlap the
+    image's field of view. Without geometry (numpy input) it must have the image's shape.
+
+    Raises:
+        DinoregError: a shape mismatch without geometry, or no overlap in world space.
+    """
+    if labels.same_grid(image):
+        return labels
+    if not geometric:
+        if labels.shape != image.shape:
+            raise DinoregError(f"{what} grid {labels.shape} does not match its image grid {image.shape} "
+                               "(and it carries no affine to map it)", labels.name)
+        return Image(labels.array, image.affine.copy(), labels.path)
+    if world_overlap(labels, image) == 0.0:
+        raise DinoregError(f"{what} does not cover its image: their fields of view do not overlap in world "
+                           "space (check the affines)", labels.name)
+    return Image(resample_to_grid(labels, image.shape, image.affine, order=0), image.affine.copy(), labels.path)
+
+
 def resample_to_grid(image: Image, shape: tuple[int, int, int], affine: np.ndarray, order: int = 1,
                      cval: float = 0.0) -> np.ndarray:
     """Sample ``image`` on another voxel grid through the two affines (world space).

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from dinoreg.errors import DinoregError
 from dinoreg.features.base import EncoderSpec
 from dinoreg.methods.registry import MethodSpec, method
 from dinoreg.optim.convex import ConvexConfig
@@ -27,6 +26,9 @@ class ConvexAdamSpec(MethodSpec):
     name: ClassVar[str] = "convexadam"
     grid_sp: int = setting(6, "convex stage: cell size, voxels", low=1, high=32)
     disp_hw: int = setting(4, "convex stage: search half-width, cells", low=0, high=16)
+    reach_mm_2d: float = setting(40.0, "convex stage on a 2D pair (one slice): the in-plane search reaches at least "
+                                       "this far, mm (the half-width grows beyond disp_hw; 0: disp_hw alone)",
+                                 low=0.0, high=1000.0)
     ic: bool = setting(True, "convex stage: inverse consistency")
     grid_sp_adam: int = setting(2, "Adam stage: cell size, voxels", low=1, high=32)
     iterations: int = setting(50, "Adam stage: iterations (0: the convex stage alone)", low=0, high=100000)
@@ -40,21 +42,13 @@ class ConvexAdamSpec(MethodSpec):
     def cell_sizes(self) -> tuple[int, ...]:
         return (self.grid_sp, self.grid_sp_adam)
 
-    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
-        """Both stages smooth over 3 cells along every axis: each axis needs at least 3 cells."""
-        for axis, n in enumerate(shape):
-            for key, cell in (("grid_sp", self.grid_sp), ("grid_sp_adam", self.grid_sp_adam)):
-                if -(-n // cell) < 3:
-                    raise DinoregError(f"image too small for convexadam: axis {axis} has {n} voxels, fewer than "
-                                       f"3 cells of {key} {cell} (lower --{key.replace('_', '-')}, or use "
-                                       "--method ffd for 2D images)", name)
-
 
 @method("convexadam", ConvexAdamSpec, "coupled convex search + Adam instance optimisation on feature volumes")
 def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = ()) -> list[Stage]:
     """The stages for ``spec``."""
     stages: list[Stage] = [
-        ConvexStage(ConvexConfig(grid_sp=spec.grid_sp, disp_hw=spec.disp_hw, inverse_consistent=spec.ic))]
+        ConvexStage(ConvexConfig(grid_sp=spec.grid_sp, disp_hw=spec.disp_hw, inverse_consistent=spec.ic),
+                    reach_mm_2d=spec.reach_mm_2d)]
     if spec.iterations > 0:
         stages.append(AdamStage(InstanceConfig(grid_sp=spec.grid_sp_adam, iterations=spec.iterations, lr=spec.lr,
                                                lambda_weight=spec.lambda_weight, similarity=spec.similarity,

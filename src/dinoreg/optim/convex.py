@@ -8,8 +8,12 @@ smoothing of the chosen displacements, with ``coeff`` growing over a few couplin
 Optionally a backward field is computed too and both are made inverse consistent.
 
 Layouts: feature volumes ``(1, C, h, w, d)`` on the coarse grid; cost matrices ``(cells, L)``
-with ``L = (2 * disp_hw + 1) ** 3`` displacements enumerated in ``(i, j, k)`` C order;
+with ``L = prod(2 * disp_hw[a] + 1)`` displacements enumerated in ``(i, j, k)`` C order;
 displacement fields ``(1, 3, h, w, d)`` in cell units, components ``(i, j, k)``.
+
+2D pairs (one slice, ``d == 1``) search in-plane only: the half-width along the flat axis is 0
+(:func:`search_half_widths`), and the box filters and the choice smoothing skip that axis (a
+3-wide zero-padded mean over one cell would only scale it by 1/3).
 """
 
 from __future__ import annotations
@@ -26,18 +30,36 @@ from dinoreg.spatial.grid import warp
 DEFAULT_COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
-def displacement_candidates(disp_hw: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """All integer displacements in ``[-disp_hw, disp_hw]^3`` as ``(3, L)`` (i, j, k), C order."""
-    r = torch.arange(-disp_hw, disp_hw + 1, device=device, dtype=torch.float32)
-    return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), 0).reshape(3, -1)
+HalfWidth = int | tuple[int, int, int]
 
 
-def ssd_cost_volume(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp_hw: int) -> torch.Tensor:
+def half_widths(disp_hw: HalfWidth) -> tuple[int, int, int]:
+    """``disp_hw`` per axis ``(i, j, k)``: an int applies to every axis."""
+    if isinstance(disp_hw, int):
+        return (disp_hw, disp_hw, disp_hw)
+    return tuple(int(h) for h in disp_hw)  # type: ignore[return-value]
+
+
+def search_half_widths(disp_hw: HalfWidth, cells: tuple[int, ...]) -> tuple[int, int, int]:
+    """The search half-width per axis of a cell grid: ``disp_hw``, or 0 along an axis of one
+    cell (a 2D pair: nothing to search through-plane)."""
+    return tuple(0 if n == 1 else h for n, h in zip(cells, half_widths(disp_hw)))  # type: ignore[return-value]
+
+
+def displacement_candidates(disp_hw: HalfWidth, device: torch.device | str = "cpu") -> torch.Tensor:
+    """All integer displacements in ``[-hw_a, hw_a]`` per axis as ``(3, L)`` (i, j, k), C order
+    (``disp_hw`` an int: the cube ``[-disp_hw, disp_hw]^3``)."""
+    axes = [torch.arange(-h, h + 1, device=device, dtype=torch.float32) for h in half_widths(disp_hw)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), 0).reshape(3, -1)
+
+
+def ssd_cost_volume(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp_hw: HalfWidth) -> torch.Tensor:
     """Box-filtered SSD between each fixed cell and the moving cell displaced by each candidate.
 
     Moving cells outside the volume read zeros (as in the reference implementation). The raw
-    SSD (summed over channels) is smoothed twice by a 3x3x3 mean filter (zero padded).
-    On CPU a fused numba kernel computes the same values.
+    SSD (summed over channels) is smoothed twice by a 3x3x3 mean filter (zero padded; axes of
+    one cell are not filtered). On CPU a fused numba kernel computes the same values.
+    ``disp_hw``: half-width in cells, one for every axis or one per axis.
 
     Returns:
         ``(h * w * d, L)`` cost matrix: one row per cell (C order), one column per candidate
@@ -45,39 +67,53 @@ def ssd_cost_volume(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp_hw: int
     """
     if fused_cpu(feat_fix):
         cost = cpu_kernels.ssd_cost_volume(cpu_kernels.channels_last(feat_fix),
-                                           cpu_kernels.channels_last(feat_mov), disp_hw)
+                                           cpu_kernels.channels_last(feat_mov), half_widths(disp_hw))
         return torch.from_numpy(cost)
     return _ssd_cost_volume_torch(feat_fix, feat_mov, disp_hw)
 
 
-def _ssd_cost_volume_torch(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp_hw: int) -> torch.Tensor:
+def _box3(volume: torch.Tensor) -> torch.Tensor:
+    """3-wide zero-padded mean (divided by 3 per axis) along every axis of ``(N, C, h, w, d)``
+    that has more than one cell."""
+    sizes = tuple(int(n) for n in volume.shape[2:])
+    if min(sizes) >= 3:
+        return F.avg_pool3d(volume, 3, stride=1, padding=1)
+    # torch's pooling refuses inputs smaller than the kernel: pad explicitly
+    kernel = tuple(3 if n > 1 else 1 for n in sizes)
+    pad = [p for k in reversed(kernel) for p in (k // 2, k // 2)]
+    return F.avg_pool3d(F.pad(volume, pad), kernel, stride=1)
+
+
+def _ssd_cost_volume_torch(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp_hw: HalfWidth) -> torch.Tensor:
     _, _, h, w, d = feat_fix.shape
-    n = 2 * disp_hw + 1
-    padded = F.pad(feat_mov, [disp_hw] * 6)[0]
+    ha, hb, hc = half_widths(disp_hw)
+    na, nb, nc = 2 * ha + 1, 2 * hb + 1, 2 * hc + 1
+    padded = F.pad(feat_mov, [hc, hc, hb, hb, ha, ha])[0]
     fix = feat_fix[0].unsqueeze(3)  # (C, h, w, 1, d)
-    cost = feat_fix.new_empty((n, n, h, w, n, d))
-    for a in range(n):
-        for b in range(n):
-            window = padded[:, a:a + h, b:b + w].unfold(3, d, 1)  # (C, h, w, n, d)
+    cost = feat_fix.new_empty((na, nb, h, w, nc, d))
+    for a in range(na):
+        for b in range(nb):
+            window = padded[:, a:a + h, b:b + w].unfold(3, d, 1)  # (C, h, w, nc, d)
             cost[a, b] = (fix - window).pow(2).sum(0)
-    cost = cost.permute(0, 1, 4, 2, 3, 5).reshape(n ** 3, 1, h, w, d)
-    cost = F.avg_pool3d(F.avg_pool3d(cost, 3, stride=1, padding=1), 3, stride=1, padding=1)
-    return cost.reshape(n ** 3, -1).t().contiguous()
+    labels = na * nb * nc
+    cost = cost.permute(0, 1, 4, 2, 3, 5).reshape(labels, 1, h, w, d)
+    cost = _box3(_box3(cost))
+    return cost.reshape(labels, -1).t().contiguous()
 
 
 def _smooth_choice(candidates: torch.Tensor, choice: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     field = candidates[:, choice].reshape(1, 3, *shape)
-    return F.avg_pool3d(field, 3, stride=1, padding=1)
+    return _box3(field)
 
 
-def coupled_convex(cost: torch.Tensor, shape: tuple[int, int, int], disp_hw: int,
+def coupled_convex(cost: torch.Tensor, shape: tuple[int, int, int], disp_hw: HalfWidth,
                    coupling: tuple[float, ...] = DEFAULT_COUPLING) -> torch.Tensor:
     """Solve the coupled convex problem for one direction.
 
     Args:
         cost: ``(h * w * d, L)`` cost matrix from :func:`ssd_cost_volume`.
         shape: the cell grid ``(h, w, d)``.
-        disp_hw: half width of the search range, cells.
+        disp_hw: half width of the search range, cells (per axis, or one for all).
         coupling: the coupling weights, one argmin/smoothing round each.
 
     Returns:
@@ -128,7 +164,7 @@ class ConvexConfig:
     """Settings of the discrete stage (ConvexAdam's defaults)."""
 
     grid_sp: int = 6
-    disp_hw: int = 4
+    disp_hw: HalfWidth = 4  # cells, one for all axes or one per axis; 0 along an axis of one cell
     coupling: tuple[float, ...] = DEFAULT_COUPLING
     inverse_consistent: bool = True
     ic_iterations: int = 15
@@ -140,12 +176,13 @@ def convex_optimise(feat_fix: torch.Tensor, feat_mov: torch.Tensor, config: Conv
     ``feat_fix`` and ``feat_mov`` are ``(1, C, h, w, d)`` on the coarse grid.
     """
     shape = tuple(feat_fix.shape[2:])
-    cost = ssd_cost_volume(feat_fix, feat_mov, config.disp_hw)
-    field = coupled_convex(cost, shape, config.disp_hw, config.coupling)
+    hw = search_half_widths(config.disp_hw, shape)
+    cost = ssd_cost_volume(feat_fix, feat_mov, hw)
+    field = coupled_convex(cost, shape, hw, config.coupling)
     if not config.inverse_consistent:
         return field
     del cost
-    cost_back = ssd_cost_volume(feat_mov, feat_fix, config.disp_hw)
-    back = coupled_convex(cost_back, shape, config.disp_hw, config.coupling)
+    cost_back = ssd_cost_volume(feat_mov, feat_fix, hw)
+    back = coupled_convex(cost_back, shape, hw, config.coupling)
     field, _ = inverse_consistency(field, back, config.ic_iterations)
     return field

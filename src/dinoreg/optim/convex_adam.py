@@ -9,11 +9,16 @@ first; the caller composes it with the result.
 The stages (:class:`ConvexStage`, :class:`AdamStage`, :class:`SmoothStage`) are chained by
 ``dinoreg.methods.convex_adam``; each returns ``(1, 3, I, J, K)`` voxels of the fixed grid,
 pull-back convention.
+
+2D pairs are volumes of one slice ``(I, J, 1)``: a cell is then ``grid_sp x grid_sp x 1``
+voxels (:func:`cell_shape`), the convex search stays in-plane and the displacement's component
+along the flat axis is zero (:func:`zero_flat`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +30,37 @@ from dinoreg.progress import Progress
 from dinoreg.spatial.grid import compose, resize_field, sample, warp
 
 
-def padded_shape(shape: tuple[int, ...], cell: int) -> tuple[int, ...]:
-    """``shape`` rounded up to a multiple of ``cell`` on every axis."""
-    return tuple(int(math.ceil(s / cell)) * cell for s in shape)
+Cell = int | tuple[int, ...]
+
+
+def cell_shape(image_shape: tuple[int, ...], cell: Cell) -> tuple[int, ...]:
+    """Cell size per axis, voxels: ``cell`` along every axis but an axis of one voxel (a 2D
+    image's flat axis), where a cell is one voxel thick."""
+    cells = (cell,) * len(image_shape) if isinstance(cell, int) else tuple(cell)
+    return tuple(1 if n == 1 else int(c) for n, c in zip(image_shape, cells))
+
+
+def padded_shape(shape: tuple[int, ...], cell: Cell) -> tuple[int, ...]:
+    """``shape`` rounded up to a multiple of the cell size (:func:`cell_shape`) on every axis."""
+    return tuple(int(math.ceil(s / c)) * c for s, c in zip(shape, cell_shape(shape, cell)))
+
+
+def zero_flat(disp: torch.Tensor, image_shape: tuple[int, ...]) -> torch.Tensor:
+    """``disp`` ``(1, 3, I, J, K)`` with the component along every axis of one voxel set to 0."""
+    flat = [a for a, n in enumerate(image_shape) if n == 1]
+    if flat:
+        disp = disp.clone()
+        disp[:, flat] = 0.0
+    return disp
+
+
+def _pool(volume: torch.Tensor, factors: tuple[int, ...], ceil_mode: bool = False) -> torch.Tensor:
+    """Average pooling by ``factors`` per axis; an axis shorter than its factor is averaged whole
+    (its one cell covers it all)."""
+    factors = tuple(min(f, int(n)) for f, n in zip(factors, volume.shape[2:]))
+    if len(set(factors)) == 1:
+        return F.avg_pool3d(volume, factors[0], stride=factors[0], ceil_mode=ceil_mode)
+    return F.avg_pool3d(volume, factors, stride=factors, ceil_mode=ceil_mode)
 
 
 def pooling_factor(feat_shape: tuple[int, ...], image_shape: tuple[int, ...]) -> int | None:
@@ -40,7 +73,7 @@ def pooling_factor(feat_shape: tuple[int, ...], image_shape: tuple[int, ...]) ->
     return None
 
 
-def features_on_cells(feat: torch.Tensor, image_shape: tuple[int, int, int], cell: int) -> torch.Tensor:
+def features_on_cells(feat: torch.Tensor, image_shape: tuple[int, int, int], cell: Cell) -> torch.Tensor:
     """Average features over cells of ``cell`` voxels tiling the (padded) image grid.
 
     ``feat`` is ``(1, C, I', J', K')`` covering the image's field of view, cell-centred: feature
@@ -51,38 +84,45 @@ def features_on_cells(feat: torch.Tensor, image_shape: tuple[int, int, int], cel
     first average-pooled by the integer factor that brings them closest to the cell size from
     above (anti-aliasing), then sampled trilinearly at the cell centres.
     """
+    sizes = cell_shape(image_shape, cell)
     padded = padded_shape(image_shape, cell)
-    cells = tuple(p // cell for p in padded)
+    cells = tuple(p // c for p, c in zip(padded, sizes))
     feat_shape = tuple(feat.shape[2:])
     pooled_by = pooling_factor(feat_shape, image_shape)
-    if pooled_by is not None and cell % pooled_by == 0:
-        factor = cell // pooled_by
-        return feat if factor == 1 else F.avg_pool3d(feat, factor, stride=factor, ceil_mode=True)
+    # along a flat axis (one voxel) the features are one voxel too, whatever the pooling
+    pooled = tuple(1 if n == 1 else pooled_by for n in image_shape)
+    if pooled_by is not None and all(c % p == 0 for c, p in zip(sizes, pooled)):
+        factors = tuple(c // p for c, p in zip(sizes, pooled))
+        return feat if all(f == 1 for f in factors) else _pool(feat, factors, ceil_mode=True)
     voxels_per_feature = [i / n for i, n in zip(image_shape, feat_shape)]
-    factors = tuple(min(n, max(1, int(cell / v))) for n, v in zip(feat_shape, voxels_per_feature))
+    factors = tuple(min(n, max(1, int(c / v))) for n, v, c in zip(feat_shape, voxels_per_feature, sizes))
     if any(f > 1 for f in factors):
-        feat = F.avg_pool3d(feat, factors, stride=factors)
+        feat = _pool(feat, factors)
         voxels_per_feature = [v * f for v, f in zip(voxels_per_feature, factors)]
     axes = []
-    for c, v in zip(cells, voxels_per_feature):
-        centres = torch.arange(c, dtype=feat.dtype, device=feat.device) * cell + (cell - 1) / 2
+    for c, v, size in zip(cells, voxels_per_feature, sizes):
+        centres = torch.arange(c, dtype=feat.dtype, device=feat.device) * size + (size - 1) / 2
         axes.append((centres + 0.5) / v - 0.5)
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), 0).unsqueeze(0)
     return sample(feat, coords, mode="bilinear", padding_mode="border")
 
 
-def field_to_cells(disp: torch.Tensor, image_shape: tuple[int, int, int], cell: int) -> torch.Tensor:
+def field_to_cells(disp: torch.Tensor, image_shape: tuple[int, int, int], cell: Cell) -> torch.Tensor:
     """A voxel-unit field on the image grid as a cell-unit field on the padded cell grid."""
+    sizes = cell_shape(image_shape, cell)
     padded = padded_shape(image_shape, cell)
     pad = []
     for s, p in zip(reversed(image_shape), reversed(padded)):
         pad += [0, p - s]
     if any(pad):
         disp = F.pad(disp, pad, mode="replicate")
-    return F.avg_pool3d(disp, cell, stride=cell) / cell
+    if len(set(sizes)) == 1:
+        return F.avg_pool3d(disp, sizes[0], stride=sizes[0]) / sizes[0]
+    scale = torch.tensor(sizes, dtype=disp.dtype, device=disp.device).view(1, 3, 1, 1, 1)
+    return F.avg_pool3d(disp, sizes, stride=sizes) / scale
 
 
-def field_from_cells(disp: torch.Tensor, image_shape: tuple[int, int, int], cell: int) -> torch.Tensor:
+def field_from_cells(disp: torch.Tensor, image_shape: tuple[int, int, int], cell: Cell) -> torch.Tensor:
     """A cell-unit field back to voxels on the image grid (trilinear, cell-centred)."""
     padded = padded_shape(image_shape, cell)
     full = resize_field(disp, padded, align_corners=False)
@@ -99,7 +139,7 @@ def final_smooth(disp: torch.Tensor, kernel: int) -> torch.Tensor:
     return disp
 
 
-def pair_on_cells(feat_fix: torch.Tensor, feat_mov: torch.Tensor, image_shape: tuple[int, int, int], cell: int,
+def pair_on_cells(feat_fix: torch.Tensor, feat_mov: torch.Tensor, image_shape: tuple[int, int, int], cell: Cell,
                   init: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both feature volumes on the cell grid, the moving one pre-warped by ``init`` (voxels)."""
     fix = features_on_cells(feat_fix, image_shape, cell)
@@ -118,29 +158,42 @@ def stage_features(pair: RegistrationPair, refine: bool = False) -> tuple[torch.
     return features.fixed.float(), features.moving.float()
 
 
+def reach_half_widths(disp_hw: int, grid_sp: int, spacing: tuple[float, ...], reach_mm: float) -> tuple[int, ...]:
+    """Search half-width per axis, cells: at least ``disp_hw``, and enough cells of ``grid_sp``
+    voxels of ``spacing`` mm to reach ``reach_mm`` millimetres."""
+    return tuple(max(disp_hw, int(math.ceil(reach_mm / (grid_sp * s - 1e-9)))) if reach_mm > 0 else disp_hw
+                 for s in spacing)
+
+
 class ConvexStage:
     """The coupled convex discrete search on cells of ``config.grid_sp`` voxels.
 
     Works on ``pair.features``, the moving ones pre-warped by ``pair.init``; a ``previous``
-    field pre-warps them further and is composed with the search result.
+    field pre-warps them further and is composed with the search result. On a 2D pair (one
+    slice) the search is in-plane and reaches at least ``reach_mm_2d`` millimetres (a 2D cost
+    volume has ``(2 h + 1)^2`` labels per cell, not ``(2 h + 1)^3``: a wide search is cheap).
     """
 
     name = "convex"
 
-    def __init__(self, config: ConvexConfig) -> None:
+    def __init__(self, config: ConvexConfig, reach_mm_2d: float = 0.0) -> None:
         self.config = config
+        self.reach_mm_2d = reach_mm_2d
 
     def run(self, pair: RegistrationPair, previous: torch.Tensor | None,
             progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
         g, shape = self.config.grid_sp, pair.shape
+        config = self.config
+        if 1 in shape and self.reach_mm_2d > 0:
+            config = replace(config, disp_hw=reach_half_widths(config.disp_hw, g, pair.spacing, self.reach_mm_2d))
         feat_fix, feat_mov = stage_features(pair)
         with torch.no_grad(), progress.stage("convex", total=1) as step:
             fix_c, mov_c = pair_on_cells(feat_fix, feat_mov, shape, g, pair.init)
             if previous is not None:
                 mov_c = warp(mov_c, field_to_cells(previous, shape, g))
-            coarse = convex_optimise(fix_c, mov_c, self.config)
+            coarse = convex_optimise(fix_c, mov_c, config)
             del fix_c, mov_c
-            disp = field_from_cells(coarse, shape, g)
+            disp = zero_flat(field_from_cells(coarse, shape, g), shape)
             step(1)
         return (disp if previous is None else compose(disp, previous)), {}
 
@@ -165,7 +218,7 @@ class AdamStage:
             start = field_to_cells(previous, shape, ga)
         with progress.stage("adam", total=self.config.iterations) as step:
             refined = InstanceOptimiser(self.config).optimise(fix_a, mov_a, start, progress=lambda it: step(1))
-        return field_from_cells(refined, shape, ga), {}
+        return zero_flat(field_from_cells(refined, shape, ga), shape), {}
 
 
 class SmoothStage:

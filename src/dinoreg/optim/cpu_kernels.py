@@ -81,15 +81,44 @@ _SSD_GRADIENT = {0: _make_ssd_gradient(0), 12: _make_ssd_gradient(12)}  # 0: any
 
 
 @kernel
-def _ssd_cost(fix: np.ndarray, mov: np.ndarray, disp_hw: int, out: np.ndarray) -> None:
+def _ssd_gradient_planar(mov: np.ndarray, fix: np.ndarray, field: np.ndarray, out: np.ndarray) -> None:
+    """:func:`ssd_gradient` on one slice (``d == 1``): bilinear in ``(i, j)``, no ``k`` derivative."""
+    h, w, _, channels = fix.shape
+    for i in prange(h):
+        for j in range(w):
+            x = i + field[0, i, j, 0]
+            y = j + field[1, i, j, 0]
+            inside_x = np.float32(1.0) if 0 <= x <= h - 1 else np.float32(0.0)
+            inside_y = np.float32(1.0) if 0 <= y <= w - 1 else np.float32(0.0)
+            x, y = min(max(x, 0.0), h - 1.0), min(max(y, 0.0), w - 1.0)
+            x0, y0 = min(int(x), h - 2), min(int(y), w - 2)
+            fx, fy = x - x0, y - y0
+            gx, gy = 1.0 - fx, 1.0 - fy
+            target = fix[i, j, 0]
+            gi = gj = 0.0
+            for c in range(channels):
+                a00, a01 = mov[x0, y0, 0, c], mov[x0, y0 + 1, 0, c]
+                a10, a11 = mov[x0 + 1, y0, 0, c], mov[x0 + 1, y0 + 1, 0, c]
+                low = gy * a00 + fy * a01
+                high = gy * a10 + fy * a11
+                r = gx * low + fx * high - target[c]
+                gi += r * (high - low)
+                gj += r * (gx * (a01 - a00) + fx * (a11 - a10))
+            out[0, i, j, 0] = 2.0 * gi * inside_x
+            out[1, i, j, 0] = 2.0 * gj * inside_y
+            out[2, i, j, 0] = 0.0
+
+
+@kernel
+def _ssd_cost(fix: np.ndarray, mov: np.ndarray, hw_i: int, hw_j: int, hw_k: int, out: np.ndarray) -> None:
     h, w, d, channels = fix.shape
     for i in prange(h):
         for j in range(w):
             for k in range(d):
                 label = 0
-                for a in range(-disp_hw, disp_hw + 1):
-                    for b in range(-disp_hw, disp_hw + 1):
-                        for e in range(-disp_hw, disp_hw + 1):
+                for a in range(-hw_i, hw_i + 1):
+                    for b in range(-hw_j, hw_j + 1):
+                        for e in range(-hw_k, hw_k + 1):
                             x, y, z = i + a, j + b, k + e
                             total = 0.0
                             if 0 <= x < h and 0 <= y < w and 0 <= z < d:
@@ -210,32 +239,40 @@ def ssd_gradient(mov_cl: np.ndarray, fix_cl: np.ndarray, field: torch.Tensor) ->
         field: ``(1, 3, h, w, d)`` displacement in cells.
 
     Returns:
-        ``(1, 3, h, w, d)`` float32 tensor. Every axis must have at least two cells.
+        ``(1, 3, h, w, d)`` float32 tensor. Every axis must have at least two cells, except a
+        2D pair's last axis (``d == 1``: bilinear, zero ``k`` component).
     """
-    if min(fix_cl.shape[:3]) < 2:
-        raise ValueError(f"ssd_gradient needs at least 2 cells per axis, got {fix_cl.shape[:3]}")
+    h, w, d = fix_cl.shape[:3]
+    if min(h, w) < 2:
+        raise ValueError(f"ssd_gradient needs at least 2 cells per axis (or d == 1), got {fix_cl.shape[:3]}")
     use_torch_threads()
     components = np.ascontiguousarray(field[0].detach().to(torch.float32).numpy())
     out = np.empty_like(components)
-    _SSD_GRADIENT.get(fix_cl.shape[3], _SSD_GRADIENT[0])(mov_cl, fix_cl, components, out)
+    if d == 1:
+        _ssd_gradient_planar(mov_cl, fix_cl, components, out)
+    else:
+        _SSD_GRADIENT.get(fix_cl.shape[3], _SSD_GRADIENT[0])(mov_cl, fix_cl, components, out)
     return torch.from_numpy(out).unsqueeze(0)
 
 
-def ssd_cost_volume(fix_cl: np.ndarray, mov_cl: np.ndarray, disp_hw: int) -> np.ndarray:
+def ssd_cost_volume(fix_cl: np.ndarray, mov_cl: np.ndarray, disp_hw: tuple[int, int, int]) -> np.ndarray:
     """Twice 3x3x3-box-filtered SSD cost of every integer displacement, see
     :func:`dinoreg.optim.convex.ssd_cost_volume` (same values, ``(h * w * d, L)``).
 
     ``fix_cl``, ``mov_cl``: channel-last ``(h, w, d, C)`` cell features; the moving one reads
-    zeros outside the grid; the box filter is zero padded and divides by 27.
+    zeros outside the grid; ``disp_hw``: search half-width per axis, cells. The box filter is
+    zero padded and divides by 3 per axis; axes of one cell are not filtered.
     """
     use_torch_threads()
     h, w, d, _ = fix_cl.shape
-    labels = (2 * disp_hw + 1) ** 3
+    hw_i, hw_j, hw_k = (int(x) for x in disp_hw)
+    labels = (2 * hw_i + 1) * (2 * hw_j + 1) * (2 * hw_k + 1)
     cost = np.empty((h, w, d, labels), np.float32)
-    _ssd_cost(fix_cl, mov_cl, disp_hw, cost)
+    _ssd_cost(fix_cl, mov_cl, hw_i, hw_j, hw_k, cost)
     scratch = np.empty_like(cost)
+    steps = [s for s, n in zip(((1, 0, 0), (0, 1, 0), (0, 0, 1)), (h, w, d)) if n > 1]
     for _ in range(2):
-        for step in ((1, 0, 0), (0, 1, 0), (0, 0, 1)):
+        for step in steps:
             _box3_axis(cost, *step, scratch)
             cost, scratch = scratch, cost
     return cost.reshape(h * w * d, labels)
@@ -255,15 +292,24 @@ def coupled_argmin(cost: np.ndarray, field: np.ndarray, candidates: np.ndarray, 
 
 
 def separable_filter(volume: torch.Tensor, taps: np.ndarray) -> torch.Tensor:
-    """The same zero-padded centred filter along every spatial axis of ``(1, C, I, J, K)`` (float32)."""
+    """The same zero-padded centred filter along every spatial axis of ``(1, C, I, J, K)`` (float32)
+    that has more than one voxel (a 2D pair's flat axis is left alone)."""
     use_torch_threads()
     source = np.ascontiguousarray(volume[0].detach().numpy())
     taps = np.ascontiguousarray(taps, dtype=np.float32)
-    first, second = np.empty_like(source), np.empty_like(source)  # ping-pong, no third array
-    _filter_axis(source, taps, 3, first)
-    _filter_axis(first, taps, 2, second)
-    _filter_axis(second, taps, 1, first)
-    return torch.from_numpy(first).unsqueeze(0)
+    axes = [axis for axis in (3, 2, 1) if source.shape[axis] > 1]
+    if len(axes) == 3:
+        first, second = np.empty_like(source), np.empty_like(source)  # ping-pong, no third array
+        _filter_axis(source, taps, 3, first)
+        _filter_axis(first, taps, 2, second)
+        _filter_axis(second, taps, 1, first)
+        return torch.from_numpy(first).unsqueeze(0)
+    out = source.copy()
+    for axis in axes:
+        filtered = np.empty_like(out)
+        _filter_axis(out, taps, axis, filtered)
+        out = filtered
+    return torch.from_numpy(out).unsqueeze(0)
 
 
 def add_diffusion_gradient(field: torch.Tensor, weight: float, out: torch.Tensor) -> torch.Tensor:

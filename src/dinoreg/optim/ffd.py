@@ -84,6 +84,17 @@ def pyramid_level(img: torch.Tensor, shape: Sequence[int], mode: str = "bilinear
     return sample(img, grid, mode=mode)
 
 
+def _takes_layer(encoder: object) -> bool:
+    """Whether ``encoder.forward`` accepts ``layer=`` (intermediate-layer tokens)."""
+    import inspect
+
+    forward = getattr(encoder, "forward", None)
+    try:
+        return forward is not None and "layer" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _level_shape(shape: Sequence[int], factor: int) -> tuple[int, ...]:
     return tuple(max(4, int(round((n - 1) / factor)) + 1) for n in shape)
 
@@ -112,6 +123,9 @@ class FFDRegistration:
         feature_upsample: scale factor applied to each slice before ``encoder.preprocess``
             (the paper upsamples so that the feature map is finer; LiteMedSAM/SAM resize to
             their fixed input size anyway).
+        feature_layer: 0 compares the encoder's output tokens; ``k >= 1`` the tokens after block
+            ``k`` (DINOv2 only: ``forward(x, layer=k)``, final LayerNorm applied, later blocks not
+            run, so it is also cheaper).
         progress: show a tqdm progress bar.
 
     After :meth:`register`: ``control`` (``(1, D, *ctrl)`` voxels), ``history`` (per-iteration
@@ -124,7 +138,7 @@ class FFDRegistration:
                  iterations: int | Sequence[int] = 100, lr: float = 0.1,
                  levels: Sequence[int] = (1,), slice_axis: int = -1, slice_stride: int = 1,
                  slice_batch: int = 8, feature_upsample: float = 1.0, balance: bool = True,
-                 progress: bool = False) -> None:
+                 feature_layer: int = 0, progress: bool = False) -> None:
         if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
             raise DinoregError(f"--alpha must be in [0, 1], got {alpha!r}")
         if feature_distance not in FEATURE_DISTANCES:
@@ -139,6 +153,11 @@ class FFDRegistration:
             raise DinoregError(f"levels must be factors >= 1 with one iteration count each, got {levels}, {iterations}")
         if lr <= 0 or reg_weight < 0 or slice_stride < 1 or slice_batch < 1 or feature_upsample <= 0:
             raise DinoregError("lr, slice_stride, slice_batch and feature_upsample must be positive, reg_weight >= 0")
+        if int(feature_layer) < 0:
+            raise DinoregError(f"feature_layer must be 0 (last) or a block number >= 1, got {feature_layer}")
+        if int(feature_layer) and alpha > 0 and not _takes_layer(encoder):
+            raise DinoregError(f"feature_layer {feature_layer} needs an encoder with intermediate-layer tokens "
+                               f"(dinov2), got {getattr(encoder, 'name', type(encoder).__name__)}")
         self.encoder = encoder
         if isinstance(encoder, nn.Module):
             encoder.eval().requires_grad_(False)
@@ -150,6 +169,7 @@ class FFDRegistration:
         self.slice_axis, self.slice_stride, self.slice_batch = slice_axis, int(slice_stride), int(slice_batch)
         self.feature_upsample, self.progress = float(feature_upsample), progress
         self.balance = bool(balance)
+        self.feature_layer = int(feature_layer)
         self.feature_scale = 1.0
         self.control: torch.Tensor | None = None
         self.history: list[dict[str, float]] = []
@@ -174,7 +194,8 @@ class FFDRegistration:
         if self.feature_upsample != 1.0:
             slices = F.interpolate(slices, scale_factor=self.feature_upsample, mode="bilinear",
                                    align_corners=False)
-        feats, _ = self.encoder.forward(self.encoder.preprocess(slices))
+        x = self.encoder.preprocess(slices)
+        feats, _ = self.encoder.forward(x, layer=self.feature_layer) if self.feature_layer else self.encoder.forward(x)
         return feats
 
     def _fixed_features(self, level: int, fixed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,8 @@ class ParameterMap:
     def __init__(self, coarse: tuple[int, ...], fine: tuple[int, ...], device: torch.device,
                  dtype: torch.dtype = torch.float32) -> None:
         taps = [t / 27.0 for t in _SMOOTH_TAPS]
-        self.smoothing = [filter_matrix(n, taps, dtype, device) for n in coarse]
+        # an axis of one cell (a 2D pair) is not smoothed: the zero-padded filter would scale it by 7/27
+        self.smoothing = [filter_matrix(n, taps if n > 1 else [1.0], dtype, device) for n in coarse]
         # on CPU the banded filter (numba) beats dense matrices on grids of more than a few dozen cells
         self.fused_taps = np.array(taps, np.float32) if fused_cpu_for(device, dtype) else None
         self.resize = None
@@ -189,7 +190,8 @@ class InstanceOptimiser:
         # (~0.1..1); otherwise Adam, being scale invariant, turns noise into steps of size lr
         optimiser = Adam(params, lr=self.config.lr, eps=ADAM_EPS)
         gradient = self._autograd_gradient
-        if self.config.similarity == "ssd" and fused_cpu(feat_fix) and min(feat_fix.shape[2:]) >= 2:
+        h, w = feat_fix.shape[2:4]
+        if self.config.similarity == "ssd" and fused_cpu(feat_fix) and min(h, w) >= 2:  # d == 1: a 2D pair
             self._mov_cl, self._fix_cl = cpu_kernels.channels_last(feat_mov), cpu_kernels.channels_last(feat_fix)
             gradient = self._fused_ssd_gradient
         for it in range(self.config.iterations):

@@ -17,6 +17,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -109,6 +110,10 @@ def list_volumes(source: str | os.PathLike, exclude: str = EXCLUDE_PATTERN) -> l
     src = Path(source)
     if not src.exists():
         raise DinoregError("pretraining data not found", src)
+    if src.is_file() and src.name.lower().endswith(IMAGE_SUFFIXES):
+        return [src]
+    if src.is_dir() and _is_dicom_dir(src):
+        return [src]
     paths = _list_json(src, exclude) if src.is_file() else _list_folder(src, exclude)
     missing = [p for p in paths if not p.exists()]
     if missing:
@@ -116,6 +121,45 @@ def list_volumes(source: str | os.PathLike, exclude: str = EXCLUDE_PATTERN) -> l
     if not paths:
         raise DinoregError("no NIfTI/MHA/NRRD/DICOM volumes found", src)
     return paths
+
+
+def list_label_maps(sources: Sequence[str | os.PathLike]) -> list[Path]:
+    """Label maps for synthetic contrasts: files given directly, and in folders (recursively) the
+    NIfTI/MHA/NRRD files whose name or folder has a ``seg``/``label(s)``/``mask(s)`` token."""
+    found: list[Path] = []
+    for source in sources:
+        src = Path(source)
+        if not src.exists():
+            raise DinoregError("label map not found", src)
+        if src.is_file():
+            found.append(src)
+            continue
+        for path in sorted(src.rglob("*")):
+            if path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and \
+                    _excluded(path.relative_to(src), EXCLUDE_PATTERN):
+                found.append(path)
+    if not found:
+        raise DinoregError(f"no label maps found in {', '.join(map(str, sources))}")
+    return found
+
+
+def load_label_maps(paths: Sequence[Path], max_voxels: int = 2 ** 24, min_size: int = 8) -> list[torch.Tensor]:
+    """Read integer label maps ``(I, J, K)`` (long), shrunk by nearest-neighbour striding when larger
+    than ``max_voxels``; maps with an axis shorter than ``min_size`` or a single value are skipped."""
+    out: list[torch.Tensor] = []
+    for path in paths:
+        image = load_image(path, dtype=None)
+        lab = torch.from_numpy(np.rint(np.asarray(image.array, dtype=np.float64)).astype(np.int64))
+        if min(lab.shape) < min_size or int(lab.max()) == int(lab.min()):
+            warnings.warn(f"{path}: skipped as a label map (shape {tuple(lab.shape)}, values {int(lab.min())}"
+                          f"..{int(lab.max())})")
+            continue
+        while lab.numel() > max_voxels:
+            lab = lab[::2, ::2, ::2]
+        out.append(lab.contiguous())
+    if not out:
+        raise DinoregError(f"no usable label map among {len(paths)} files")
+    return out
 
 
 def looks_like_ct(array: np.ndarray) -> bool:

@@ -9,6 +9,9 @@
   tokens replaced by a mask token and predicts, at the masked positions, the teacher's centred,
   sharpened distribution computed from the unmasked view; it is what trains dense features.
 * :func:`block_mask` - random 3D boxes of tokens covering a target fraction of the grid.
+* :func:`sinkhorn_knopp` - the alternative teacher centring of SwAV / DINOv2: a few Sinkhorn
+  iterations make every prototype carry equal mass over the batch, so the teacher cannot put
+  every sample on one prototype nor give every sample the uniform distribution.
 * :func:`teacher_stats` - collapse monitors (per-sample entropy, prototypes in use).
 * :func:`ema_update` - ``teacher = m * teacher + (1 - m) * student``.
 
@@ -37,6 +40,20 @@ def teacher_stats(probs: torch.Tensor) -> dict[str, float]:
     return {"entropy": float(ent), "prototypes": float(usage)}
 
 
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
+    """Teacher targets ``(M, K)`` from logits ``(M, K)``: ``exp(logits / T)`` alternately
+    normalised so prototypes share the batch's mass equally and every row sums to 1."""
+    q = (logits.float() / temperature)
+    q = torch.exp(q - q.max()).T  # (K, M)
+    q = q / q.sum()
+    k, m = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-30) / k
+        q = q / q.sum(dim=0, keepdim=True).clamp_min(1e-30) / m
+    return (q * m).T
+
+
 class ProjectionHead(nn.Module):
     """DINO head: ``(..., in_dim) -> (..., out_dim)`` prototype logits."""
 
@@ -58,15 +75,24 @@ class ProjectionHead(nn.Module):
 
 
 class CentredLoss(nn.Module):
-    """Shared state of the teacher-centred losses: student temperature and the EMA centre of
-    the teacher logits (``center_momentum``), updated after every call."""
+    """Shared state of the teacher-centred losses: student temperature, the centring
+    (``"ema"``: subtract the EMA centre of the teacher logits, ``center_momentum``, updated after
+    every call; ``"sinkhorn"``: :func:`sinkhorn_knopp`, the centre is still tracked for logs)."""
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "ema") -> None:
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.last_stats: dict[str, float] = {}
+
+    def targets(self, teacher: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Teacher distributions ``(M, K)`` (detached) from teacher logits ``(M, K)``."""
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp(teacher, teacher_temp)
+        return F.softmax((teacher.float() - self.center) / teacher_temp, dim=-1).detach()
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor) -> None:
@@ -85,7 +111,7 @@ class DinoLoss(CentredLoss):
         Averages ``CE(teacher view i, student view j)`` over all ``i != j``; updates the centre.
         """
         s_chunks = (student.float() / self.student_temp).chunk(student.shape[0] // (teacher.shape[0] // n_global))
-        t_probs = F.softmax((teacher.float() - self.center) / teacher_temp, dim=-1).detach()
+        t_probs = self.targets(teacher, teacher_temp)
         self.last_stats = teacher_stats(t_probs)
         t_chunks = t_probs.chunk(n_global)
         total, count = student.new_zeros((), dtype=torch.float32), 0
@@ -119,7 +145,7 @@ class PatchLoss(CentredLoss):
         """
         if student.shape[0] == 0:
             return student.sum() * 0.0
-        t = F.softmax((teacher.float() - self.center) / teacher_temp, dim=-1).detach()
+        t = self.targets(teacher, teacher_temp)
         self.last_stats = teacher_stats(t)
         ce = torch.sum(-t * F.log_softmax(student.float() / self.student_temp, dim=-1), dim=-1)
         sums = torch.zeros(n_images, dtype=ce.dtype, device=ce.device).index_add(0, image_index, ce)

@@ -1,14 +1,31 @@
-"""Self-supervised DINO (+ iBOT) pretraining of the 3D ViT, resumable.
+"""Self-supervised 3D ViT pretraining (DINO + iBOT + dense correspondence InfoNCE), resumable.
 
-``pretrain(volumes, config, out_dir)`` trains a student network (ViT3D + class-token head +
-patch head) against an EMA teacher on multi-crop views (:mod:`.augment`). Each step:
+``pretrain(volumes, config, out_dir, label_maps=...)`` trains a student network (ViT3D +
+class-token head + patch head) against an EMA teacher. Views come from one of two samplers:
 
-1. draw a batch of views (two global, ``n_local`` local per sample) and, for a fraction of the
+* ``views="pairs"`` (default): every volume becomes a :class:`~.synth.Subject` (its intensity
+  quantiles as pseudo labels) and every label map a label-only subject; a sample is a *pair* of
+  global views of one anatomy, differently deformed and differently contrasted (real, remapped
+  or synthetic Gaussian-mixture intensities, :mod:`.synth`) with the known voxel
+  correspondence, plus ``n_local`` local views;
+* ``views="multicrop"``: DINO's multi-crop of the real volumes (:mod:`.augment`), no
+  correspondence (so no dense loss).
+
+Each step:
+
+1. draw a batch (two global views, ``n_local`` local views per sample) and, for a fraction of the
    global views, a block mask of tokens;
 2. teacher (no grad) encodes the unmasked global views; student encodes the masked global views
    and the local views;
-3. loss = DINO loss on class tokens (teacher global views vs. every other student view)
-   + ``ibot_weight`` x masked-patch loss (student masked tokens vs. teacher tokens);
+3. loss = ``dino_weight`` x DINO loss on class tokens (teacher global views vs. every other
+   student view) + ``ibot_weight`` x masked-patch loss + ``dense_weight`` x dense InfoNCE
+   between the student's tokens of the two global views at corresponding positions
+   (:func:`~.dense.dense_info_nce`; masked tokens are not anchors) + ``koleo_weight`` x KoLeo
+   on the student's class tokens (each global view set apart). Teacher targets are centred by
+   an EMA centre or by Sinkhorn-Knopp (``centering``), sharpened by a teacher temperature that
+   warms up; their entropy is logged (``cls_entropy``, ``patch_entropy``: ``log K`` = a
+   uniform, collapsed teacher) with the prototypes in use. With ``dino_weight = ibot_weight =
+   0`` (dense only) the teacher is not run and is only the EMA of the student;
 4. AdamW step (learning rate: warm-up then cosine; weight decay: cosine), gradient clipping,
    then EMA update of the teacher (momentum: cosine towards 1).
 
@@ -29,7 +46,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,13 +58,18 @@ from dinoreg.errors import DinoregError
 from dinoreg.io.atomic import atomic_write
 from dinoreg.features.vit3d import ViT3D, ViT3DConfig, save_vit3d
 from dinoreg.pretrain.augment import AugmentConfig, foreground_points, make_batch
+from dinoreg.pretrain.dense import dense_info_nce, koleo, token_correspondence
 from dinoreg.pretrain.dino import DinoLoss, PatchLoss, ProjectionHead, block_mask, ema_update
 from dinoreg.pretrain.schedules import cosine, linear_warmup, warmup_cosine
+from dinoreg.pretrain.synth import (Subject, SynthConfig, label_foreground, make_pair_batch, subject_from_image,
+                                    subject_from_labels)
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 WEIGHTS = "dino3d.safetensors"
 RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+# what a checkpoint written before a setting existed meant by its absence
+LEGACY_DEFAULTS = {"views": "multicrop", "dense_weight": 0.0, "koleo_weight": 0.0, "centering": "ema"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,16 @@ class PretrainConfig:
         checkpoint_every: steps between checkpoints.
         seed: seeds the network initialisation and the data generator.
         amp: bfloat16 autocast when training on CUDA.
+        views: ``"pairs"`` (deformed, re-contrasted pairs with known correspondence, :mod:`.synth`)
+            or ``"multicrop"`` (DINO's crops of the real volumes; no dense loss).
+        synth: how pairs are deformed and rendered.
+        dino_weight: weight of the class-token DINO loss (0: no class-token loss).
+        dense_weight: weight of the dense correspondence InfoNCE (``views="pairs"`` only).
+        dense_temp: its temperature on cosine similarities.
+        dense_tokens: anchors per pair.
+        dense_exclude: same-pair positions closer than this many tokens are not negatives.
+        koleo_weight: KoLeo regulariser on the student's class tokens (DINOv2; 0: off).
+        centering: teacher centring, ``"ema"`` (DINO) or ``"sinkhorn"`` (Sinkhorn-Knopp, DINOv2).
     """
 
     model: ViT3DConfig = field(default_factory=ViT3DConfig)
@@ -93,7 +125,7 @@ class PretrainConfig:
     student_temp: float = 0.1
     center_momentum: float = 0.99
     patch_center_momentum: float = 0.9
-    out_dim: int = 1024
+    out_dim: int = 256
     patch_out_dim: int = 1024
     head_hidden: int = 256
     head_bottleneck: int = 64
@@ -104,6 +136,30 @@ class PretrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     amp: bool = True
+    views: str = "pairs"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    dino_weight: float = 1.0
+    dense_weight: float = 1.0
+    dense_temp: float = 0.1
+    dense_tokens: int = 256
+    dense_exclude: float = 1.5
+    koleo_weight: float = 0.1
+    centering: str = "sinkhorn"
+
+    def __post_init__(self) -> None:
+        if self.views not in ("pairs", "multicrop"):
+            raise DinoregError(f"views must be 'pairs' or 'multicrop', got {self.views!r}")
+        if self.centering not in ("ema", "sinkhorn"):
+            raise DinoregError(f"centering must be 'ema' or 'sinkhorn', got {self.centering!r}")
+        if self.dense_weight > 0 and self.views != "pairs":
+            raise DinoregError("the dense loss needs views='pairs' (known correspondences)")
+        if self.dino_weight <= 0 and self.ibot_weight <= 0 and self.dense_weight <= 0:
+            raise DinoregError("every loss weight is 0: nothing to train")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the teacher network is run (the DINO or iBOT loss is on)."""
+        return self.dino_weight > 0 or self.ibot_weight > 0
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -115,6 +171,8 @@ class PretrainConfig:
         tup["model"] = ViT3DConfig.from_dict(dict(data["model"]))
         tup["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
                                           for k, v in data["augment"].items()})
+        if "synth" in data:
+            tup["synth"] = SynthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["synth"].items()})
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in tup.items() if k in known})
 
@@ -163,8 +221,8 @@ def new_state(cfg: PretrainConfig, device: torch.device) -> TrainState:
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(_param_groups(student), lr=cfg.lr, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    dino_loss = DinoLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device)
-    patch_loss = PatchLoss(cfg.patch_out_dim, cfg.student_temp, cfg.patch_center_momentum).to(device)
+    dino_loss = DinoLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, cfg.centering).to(device)
+    patch_loss = PatchLoss(cfg.patch_out_dim, cfg.student_temp, cfg.patch_center_momentum, cfg.centering).to(device)
     return TrainState(student, teacher, optimizer, dino_loss, patch_loss, gen)
 
 
@@ -193,34 +251,80 @@ def make_masks(n_views: int, grid: tuple[int, int, int], cfg: PretrainConfig,
 
 
 def compute_loss(state: TrainState, cfg: PretrainConfig, globals_: torch.Tensor,
-                 locals_: torch.Tensor | None, masks: torch.Tensor, temp: float) -> dict[str, torch.Tensor]:
-    """Forward teacher and student on one batch; returns ``{"loss", "dino", "ibot"}`` scalars."""
+                 locals_: torch.Tensor | None, masks: torch.Tensor, temp: float,
+                 pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Forward teacher and student on one batch.
+
+    Args:
+        globals_: ``(2B, 1, G, G, G)`` view-major (first views, then second views).
+        locals_: ``(n_local*B, 1, L, L, L)`` or None.
+        masks: ``(2B, N)`` iBOT token masks.
+        temp: teacher temperature.
+        pairs: ``(token correspondence (B, 3, n, n, n), valid (B, n, n, n))`` of the second views
+            in the first views' token coordinates (``views="pairs"``), for the dense loss.
+
+    Returns:
+        ``{"loss", "dino", "ibot", "dense", "koleo", "dense_acc"}`` scalars.
+    """
     teacher, student = state.teacher, state.student
-    with torch.no_grad():
-        t_cls, t_patch, _ = teacher.backbone(globals_)
-        t_logits = teacher.head(t_cls)
-    s_cls, s_patch, _ = student.backbone(globals_, mask=masks if masks.any() else None)
-    cls_all = [s_cls]
-    if locals_ is not None:
-        cls_all.append(student.backbone(locals_)[0])
-    dino = state.dino_loss(student.head(torch.cat(cls_all)), t_logits, 2, temp)
-    ibot = dino.new_zeros(())
-    if student.patch_head is not None and masks.any():
+    use_mask = masks.any() and cfg.ibot_weight > 0
+    s_cls, s_patch, grid = student.backbone(globals_, mask=masks if use_mask else None)
+    zero = s_cls.new_zeros((), dtype=torch.float32)
+    out = {"dino": zero, "ibot": zero, "dense": zero, "koleo": zero, "dense_acc": zero}
+    total = zero
+    if cfg.uses_teacher:
+        with torch.no_grad():
+            t_cls, t_patch, _ = teacher.backbone(globals_)
+    if cfg.dino_weight > 0:
+        with torch.no_grad():
+            t_logits = teacher.head(t_cls)
+        cls_all = [s_cls]
+        if locals_ is not None:
+            cls_all.append(student.backbone(locals_)[0])
+        out["dino"] = state.dino_loss(student.head(torch.cat(cls_all)), t_logits, 2, temp)
+        total = total + cfg.dino_weight * out["dino"]
+    if student.patch_head is not None and use_mask:
         view, token = masks.nonzero(as_tuple=True)
         with torch.no_grad():
             t_tok = teacher.patch_head(t_patch[view, token])
         s_tok = student.patch_head(s_patch[view, token])
-        ibot = state.patch_loss(s_tok, t_tok, view.to(s_tok.device), masks.shape[0], temp)
-    return {"loss": dino + cfg.ibot_weight * ibot, "dino": dino.detach(), "ibot": ibot.detach()}
+        out["ibot"] = state.patch_loss(s_tok, t_tok, view.to(s_tok.device), masks.shape[0], temp)
+        total = total + cfg.ibot_weight * out["ibot"]
+    if cfg.dense_weight > 0 and pairs is not None:
+        b = globals_.shape[0] // 2
+        feats = s_patch.transpose(1, 2).reshape(2 * b, -1, *grid)
+        corr, valid = pairs
+        valid = valid & ~masks[b:].reshape(valid.shape)
+        dense, stats = dense_info_nce(feats[:b], feats[b:], corr, valid, state.generator, cfg.dense_temp,
+                                      cfg.dense_tokens, cfg.dense_exclude)
+        out["dense"], out["dense_acc"] = dense, zero.new_tensor(stats["dense_acc"])
+        total = total + cfg.dense_weight * dense
+    if cfg.koleo_weight > 0:
+        out["koleo"] = sum(koleo(chunk) for chunk in s_cls.chunk(2)) / 2
+        total = total + cfg.koleo_weight * out["koleo"]
+    out = {k: v.detach() for k, v in out.items()}
+    out["loss"] = total
+    return out
 
 
-def train_step(state: TrainState, cfg: PretrainConfig, volumes: list[torch.Tensor],
+def train_step(state: TrainState, cfg: PretrainConfig, volumes: list[torch.Tensor] | list[Subject],
                fgs: list[torch.Tensor], weights: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """One optimisation step (batch, loss, AdamW, clipping, EMA); returns the logged numbers."""
+    """One optimisation step (batch, loss, AdamW, clipping, EMA); returns the logged numbers.
+
+    ``volumes`` are the real volumes (``views="multicrop"``) or the subjects (``"pairs"``).
+    """
     sch = schedules(cfg, state.step)
     gen = state.generator
-    globals_, locals_ = make_batch(volumes, fgs, weights, cfg.batch_size, gen, cfg.augment)
     p = cfg.model.patch_size
+    pairs = None
+    if cfg.views == "pairs":
+        aug = cfg.augment if cfg.dino_weight > 0 else replace(cfg.augment, n_local=0)  # locals serve DINO only
+        batch = make_pair_batch(volumes, fgs, weights, cfg.batch_size, gen, aug, cfg.synth)  # type: ignore[arg-type]
+        globals_, locals_ = batch["globals"], batch["locals"]
+        corr, valid = token_correspondence(batch["corr"], batch["fg_b"], p)
+        pairs = (corr.to(device), valid.to(device))
+    else:
+        globals_, locals_ = make_batch(volumes, fgs, weights, cfg.batch_size, gen, cfg.augment)  # type: ignore[arg-type]
     grid = (cfg.augment.global_size // p,) * 3
     masks = make_masks(globals_.shape[0], grid, cfg, gen).to(device)
     globals_ = globals_.to(device)
@@ -230,7 +334,7 @@ def train_step(state: TrainState, cfg: PretrainConfig, volumes: list[torch.Tenso
         group["weight_decay"] = sch["wd"] if i == 0 else 0.0
     use_amp = cfg.amp and device.type == "cuda"
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        out = compute_loss(state, cfg, globals_, locals_, masks, sch["teacher_temp"])
+        out = compute_loss(state, cfg, globals_, locals_, masks, sch["teacher_temp"], pairs)
     if not torch.isfinite(out["loss"]):
         raise DinoregError(f"pretraining loss became {float(out['loss'])} at step {state.step}; lower the lr")
     state.optimizer.zero_grad(set_to_none=True)
@@ -242,6 +346,7 @@ def train_step(state: TrainState, cfg: PretrainConfig, volumes: list[torch.Tenso
     state.step += 1
     stats = {f"cls_{k}": v for k, v in state.dino_loss.last_stats.items()}
     stats.update({f"patch_{k}": v for k, v in state.patch_loss.last_stats.items()})
+    state.dino_loss.last_stats = {}
     state.patch_loss.last_stats = {}
     return {"step": state.step, **{k: float(v.detach()) for k, v in out.items()}, **sch, **stats}
 
@@ -265,8 +370,10 @@ def save_checkpoint(state: TrainState, cfg: PretrainConfig, path: Path, data_id:
 
 
 def _config_diff(saved: dict[str, Any], cfg: PretrainConfig) -> list[str]:
+    """Top-level keys that differ (a key missing from an older checkpoint counts as its default)."""
     now = cfg.to_dict()
-    return [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    default = {**PretrainConfig().to_dict(), **LEGACY_DEFAULTS}
+    return [k for k in sorted(set(saved) | set(now)) if saved.get(k, default.get(k)) != now.get(k)]
 
 
 def load_checkpoint(state: TrainState, cfg: PretrainConfig, path: Path, data_id: list) -> None:
@@ -312,14 +419,28 @@ def _rewrite_log(path: Path, history: list[dict[str, float]]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
+def training_subjects(volumes: list[torch.Tensor], label_maps: Sequence[torch.Tensor | np.ndarray],
+                      cfg: PretrainConfig) -> list[Subject]:
+    """Image subjects (pseudo labels) then label-only subjects, for ``views="pairs"``."""
+    subjects = [subject_from_image(v, cfg.synth.n_clusters) for v in volumes]
+    for lab in label_maps:
+        subjects.append(subject_from_labels(torch.as_tensor(np.asarray(lab) if not torch.is_tensor(lab) else lab)))
+    return subjects
+
+
 def pretrain(volumes: Sequence[torch.Tensor | np.ndarray] | str | os.PathLike,
              config: PretrainConfig | None = None, out_dir: str | os.PathLike = "dino3d_pretrain",
-             resume: bool = True, progress: bool = True, device: str | torch.device | None = None) -> Path:
-    """Train the 3D ViT with DINO (+ iBOT) and write the teacher backbone.
+             resume: bool = True, progress: bool = True, device: str | torch.device | None = None,
+             label_maps: Sequence[torch.Tensor | np.ndarray] = (), snapshots: bool = False) -> Path:
+    """Train the 3D ViT (DINO + iBOT + dense correspondence loss) and write the teacher backbone.
 
     Args:
         volumes: preprocessed ``(I, J, K)`` volumes in ``[0, 1]`` (see
             :func:`dinoreg.pretrain.data.load_volumes`), or a folder / ``dataset.json`` to read.
+        label_maps: ``(I, J, K)`` integer label maps rendered as synthetic contrasts
+            (``views="pairs"`` only; see :func:`dinoreg.pretrain.data.load_label_maps`).
+        snapshots: also write the teacher backbone at every checkpoint as
+            ``snapshots/dino3d_step<step>.safetensors`` (to probe a run while it trains).
         config: the run's :class:`PretrainConfig` (default: the defaults).
         out_dir: folder for ``checkpoint.pt``, ``log.jsonl`` and ``dino3d.safetensors``.
         resume: continue from ``out_dir/checkpoint.pt`` when present (same config and data).
@@ -332,7 +453,10 @@ def pretrain(volumes: Sequence[torch.Tensor | np.ndarray] | str | os.PathLike,
     cfg = config or PretrainConfig()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vols = _as_volumes(volumes, progress)
-    data_id = [list(v.shape) for v in vols]
+    data_id: list = [list(v.shape) for v in vols]
+    if label_maps and cfg.views != "pairs":
+        raise DinoregError("label maps need views='pairs' (synthetic contrasts)")
+    data_id += [["labels", *np.shape(lab)] for lab in label_maps]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = new_state(cfg, dev)
@@ -340,15 +464,21 @@ def pretrain(volumes: Sequence[torch.Tensor | np.ndarray] | str | os.PathLike,
     if resume and ckpt.exists():
         load_checkpoint(state, cfg, ckpt, data_id)
     _rewrite_log(log, state.history)
-    fgs = [foreground_points(v) for v in vols]
-    weights = torch.tensor([float(v.numel()) ** 0.5 for v in vols], dtype=torch.float64)
+    if cfg.views == "pairs":
+        data: list = training_subjects(vols, label_maps, cfg)
+        fgs = [label_foreground(s) for s in data]
+        weights = torch.tensor([float(s.labels.numel()) ** 0.5 for s in data], dtype=torch.float64)
+    else:
+        data = vols
+        fgs = [foreground_points(v) for v in vols]
+        weights = torch.tensor([float(v.numel()) ** 0.5 for v in vols], dtype=torch.float64)
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=min(state.step, cfg.steps), desc="dino3d pretrain", disable=not progress)
     with open(log, "a") as handle:
         while state.step < cfg.steps:
             t0 = time.perf_counter()
-            row = train_step(state, cfg, vols, fgs, weights, dev)
+            row = train_step(state, cfg, data, fgs, weights, dev)
             row["seconds"] = time.perf_counter() - t0
             state.history.append(row)
             handle.write(json.dumps(row) + "\n")
@@ -357,6 +487,8 @@ def pretrain(volumes: Sequence[torch.Tensor | np.ndarray] | str | os.PathLike,
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
                 save_checkpoint(state, cfg, ckpt, data_id)
+                if snapshots:
+                    write_weights(state, cfg, out / "snapshots" / f"dino3d_step{state.step:06d}.safetensors")
     bar.close()
     return write_weights(state, cfg, out / WEIGHTS)
 

@@ -42,6 +42,8 @@ def filter_matrix(n: int, taps: Sequence[float], dtype: torch.dtype = torch.floa
     half = len(taps) // 2
     matrix = torch.zeros(n, n, dtype=torch.float64)
     for offset, tap in zip(range(-half, half + 1), taps):
+        if abs(offset) >= n:  # a filter longer than the axis: those taps fall on the padding
+            continue
         matrix += torch.diag(torch.full((n - abs(offset),), float(tap), dtype=torch.float64), offset)
     return matrix.to(dtype=dtype, device=device)
 
