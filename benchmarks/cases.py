@@ -55,7 +55,7 @@ CASES["dinoreg-mind"] = _dinoreg("mind")
 CASES["dinoreg-convexadam-settings"] = _dinoreg("convexadam")
 CASES["dinoreg-fast"] = _dinoreg("dinoreg-fast")
 CASES["dinoreg-ensemble"] = _dinoreg("dinoreg-ensemble")
-CASES["dino3d"] = _dinoreg("dino3d")
+CASES["dino3d"] = _dinoreg("mind", features="dino3d", lambda_weight=5.0, iterations=40)
 
 
 def _encode_dinov2(upsample: float, every: int) -> Callable[[Path], None]:

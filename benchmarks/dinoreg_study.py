@@ -30,7 +30,7 @@ METHODS = {
     "dinoreg": dict(preset_name="dinoreg"),
     "dinoreg-ensemble": dict(preset_name="dinoreg-ensemble"),
     "mind+dinov2 (average)": dict(preset_name="dinoreg-ensemble", ensemble="average"),
-    "dino3d": dict(preset_name="dino3d"),
+    "dino3d": dict(preset_name="mind", features="dino3d", lambda_weight=5.0, iterations=40),
 }
 BRATS = "data/bratsreg_002_dirac/BraTSReg_002_{tp}_{seq}.nii.gz"
 BRATS_LMS = "data/bratsreg_002_dirac/BraTSReg_002_{tp}_landmarks.csv"

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 CASES = ["abdomen", "brain", "brain-shift", "brats-t2-t1ce", "brats-flair-t1"]
-FOUNDATION = ["dinoreg", "dinoreg-fast", "dinoreg-ensemble", "dino3d"]
+FOUNDATION = ["dinoreg", "dinoreg-fast", "dinoreg-ensemble", "mind features=dino3d lambda_weight=5 iterations=40"]
 USES_SLICE_MATCH = {"dinoreg", "dinoreg-fast", "dinoreg-ensemble", "dinoreg-paper"}
 
 

@@ -27,7 +27,7 @@ def test_pretrain_resumes_and_weights_register(tmp_path, brain_volume):
     crop = np.ascontiguousarray(brain_volume[40:104, 56:120, 72:136])
     assert main(["register", str(write_nifti(tmp_path / "f.nii.gz", crop)),
                  str(write_nifti(tmp_path / "m.nii.gz", np.roll(crop, 2, 0))), "-o", str(tmp_path / "reg"),
-                 "--preset", "dino3d", "--weights", str(weights), "--iterations", "3", "--quiet"]) == 0
+                 "--features", "dino3d", "--weights", str(weights), "--iterations", "3", "--quiet"]) == 0
     assert any(p.name.startswith("disp_") for p in (tmp_path / "reg").iterdir())
 
 

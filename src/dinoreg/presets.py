@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from dinoreg.errors import DinoregError
-from dinoreg.features.dino3d_pair import Dino3DSpec
 from dinoreg.features.dinov2 import DINOv2Spec
 from dinoreg.features.ensemble import EnsembleSpec
 from dinoreg.features.mind import MindSpec
@@ -49,8 +48,6 @@ def _presets() -> dict[str, Preset]:
                                    "the mind preset's optimiser",
                RegistrationSpec(ConvexAdamSpec(), (MindSpec(), DINOv2Spec(upsample=2.0, every=6)),
                                 EnsembleSpec(ensemble="concat", ensemble_weights=(1.0, 0.05)))),
-        Preset("dino3d", "3D ViT (Kats & Heinrich) trained by dinoreg: one 3D pass per image, joint PCA, ConvexAdam",
-               RegistrationSpec(ConvexAdamSpec(iterations=40, lambda_weight=5.0), (Dino3DSpec(),))),
         Preset("dinoreg-paper", "the DINO-Reg authors' published inference: ViT-L/14-reg4, 112x96 patches per "
                                 "slice, every 3rd slice, PCA 24, Adam alone on the full-resolution field (1000 it, "
                                 "lr 3, weight 2, smoothed 7x5 inside every iteration); GPU-sized",
