@@ -54,3 +54,15 @@ def test_refine_weights_give_the_refinement_stages_their_own_blocks():
         EnsembleSpec(refine_weights=(1.0,)).refinement_weights(2, "mind+dinov2")
     with pytest.raises(DinoregError, match="concat only"):
         EnsembleSpec(ensemble="average", refine_weights=(1.0, 0.0)).refinement_weights(2, "mind+dinov2")
+
+
+def test_blocks_that_add_nothing_are_not_encoded():
+    from dinoreg.pipeline import contributing
+    from dinoreg.presets import resolve
+
+    assert contributing(resolve("dinoreg-fast")) == [0, 1]  # the DINOv2 block gives the slice-match start
+    assert contributing(resolve("dinoreg-fast", {"slice_match": False})) == [0]  # ... or nothing at all
+    assert contributing(resolve("dinoreg", {"slice_match": False})) == [0, 1]  # power 0.2 in the convex search
+    assert contributing(resolve("mind")) == [0]
+    averaged = resolve("dinoreg-fast", {"slice_match": False, "ensemble": "average"})
+    assert contributing(averaged) == [0, 1]

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from dinoreg.errors import DinoregError
-from dinoreg.features.base import EncodeRequest, PairFeatures
+from dinoreg.features.base import EncodeRequest, EncoderSpec, PairFeatures
 from dinoreg.features.ensemble import combine_features
 from dinoreg.features.registry import encoder_entry
 from dinoreg.io.images import Image, as_image, has_geometry, on_image_grid, to_fixed_grid
@@ -127,15 +127,29 @@ def prepare(fixed: ImageLike, moving: ImageLike, spec: RegistrationSpec, device:
     return PreparedPair(pair, fix_img, mov_orig, mov_img, world, init_seconds)
 
 
-def encode(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -> list[PairFeatures]:
-    """One :class:`PairFeatures` per encoder of the spec."""
+def encode(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress,
+           encoders: Sequence[EncoderSpec] | None = None) -> list[PairFeatures]:
+    """One :class:`PairFeatures` per encoder of the spec (or of ``encoders``, a subset of them)."""
     cells = spec.method.cell_sizes()
     parts = []
-    for encoder in spec.encoders:
+    for encoder in spec.encoders if encoders is None else encoders:
         request = EncodeRequest(pair.fixed, pair.moving, pair.fixed_mask, pair.moving_mask, pair.affine, pair.device,
                                 progress, encoder, spec.seed, cells)
         parts.append(encoder_entry(encoder.name).encode_pair(request))
     return parts
+
+
+def contributing(spec: RegistrationSpec) -> list[int]:
+    """Indices of the encoders a concatenated ensemble uses: the first, every block with a power
+    above 0 in some stage, and any block giving the initial field (a slice-match start). The
+    others would be encoded for nothing (e.g. ``dinoreg-fast`` without its slice match)."""
+    n, features = len(spec.encoders), spec.features or ""
+    weights = spec.ensemble.weights(n, features)
+    refine = spec.ensemble.refinement_weights(n, features) or weights
+    if n < 2 or spec.ensemble.ensemble != "concat":
+        return list(range(n))
+    return [i for i, encoder in enumerate(spec.encoders)
+            if i == 0 or weights[i] > 0 or refine[i] > 0 or bool(getattr(encoder, "slice_match", False))]
 
 
 def run(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
@@ -144,14 +158,16 @@ def run(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -> t
     timings: dict[str, float] = {}
     runs, weights = [pair], [1.0]
     if spec.method.uses_features:
+        used = contributing(spec)
         start = time.perf_counter()
-        parts = encode(spec, pair, progress)
+        parts = encode(spec, pair, progress, [spec.encoders[i] for i in used])
         timings["encode"] = time.perf_counter() - start
-        weights = spec.ensemble.weights(len(parts), spec.features or "")
+        weights = [spec.ensemble.weights(len(spec.encoders), spec.features or "")[i] for i in used]
         if len(parts) > 1 and spec.ensemble.ensemble == "average":
             runs = [replace(pair, features=part, init=part.init) for part in parts]
         else:
-            refine = spec.ensemble.refinement_weights(len(parts), spec.features or "")
+            refine = spec.ensemble.refinement_weights(len(spec.encoders), spec.features or "")
+            refine = None if refine is None else [refine[i] for i in used]
             features = parts[0] if len(parts) == 1 else combine_features(parts, weights, refine)
             runs = [replace(pair, features=features, init=features.init)]
     fields, stage_totals = [], {}
