@@ -21,6 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -86,6 +87,20 @@ def run(case: str, method: str, shared: Path, out: Path) -> dict:
                 folding=m.get("folding_fraction"))
 
 
+def run_grid(cases: list[str], methods: list[str], run_one: Callable[[str, str], dict], results: Path) -> list[dict]:
+    """``run_one(case, method)`` for every case and method, each row appended to ``results``
+    (JSON lines) and printed as it comes, so a partial study is never lost."""
+    rows = []
+    for case in cases:
+        for method in methods:
+            row = run_one(case, method)
+            rows.append(row)
+            with open(results, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| case | method | Dice | HD95 (vox) | TRE (mm) | SDlogJ | folding | s |", "|---|---|---|---|---|---|---|---|"]
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
@@ -110,14 +125,8 @@ def main() -> None:
         from dinoreg.cache import activate
 
         activate(args.cache_dir, 8 * 2**30)
-    rows = []
-    for case in args.cases:
-        for method in args.methods:
-            row = run(case, method, args.shared.resolve(), args.out)
-            rows.append(row)
-            with open(args.out / "results.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+    rows = run_grid(args.cases, args.methods, lambda case, method: run(case, method, args.shared.resolve(), args.out),
+                    args.out / "results.jsonl")
     print(table(rows))
 
 

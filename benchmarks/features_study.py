@@ -148,14 +148,11 @@ def main() -> None:
         row = run_one(*args.child, args.shared.resolve(), args.out)
         (args.out / "child.json").write_text(json.dumps(row))
         return
-    rows = []
-    for case in args.cases:
-        for method in args.methods:
-            row = child(case, method, args.shared.resolve(), args.out, args.threads)
-            rows.append(row)
-            with open(args.out / "results.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+    from dinoreg_study import run_grid
+
+    rows = run_grid(args.cases, args.methods,
+                    lambda case, method: child(case, method, args.shared.resolve(), args.out, args.threads),
+                    args.out / "results.jsonl")
     print(table(rows))
 
 

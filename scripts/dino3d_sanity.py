@@ -20,51 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from dino3d_probe import nn_offsets, patch_features, shift_volume  # noqa: E402  (the probe's own helpers)
 
 from dinoreg.features.vit3d import Dino3DEncoder, ViT3D, load_vit3d
 from dinoreg.io.images import load_image
 from dinoreg.pretrain.data import preprocess
-
-
-def shift_volume(vol: torch.Tensor, offset: tuple[int, int, int]) -> torch.Tensor:
-    """``out[p] = vol[p - offset]`` (zeros where undefined): content moves by ``+offset``."""
-    out = torch.zeros_like(vol)
-    src = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(offset, vol.shape))
-    dst = tuple(slice(max(0, o), n - max(0, -o)) for o, n in zip(offset, vol.shape))
-    out[dst] = vol[src]
-    return out
-
-
-def patch_features(vol: torch.Tensor, p: int = 4) -> torch.Tensor:
-    """Raw intensity patches ``(p^3, I/p, J/p, K/p)`` (zero-padded)."""
-    pads = [x for s in reversed(vol.shape) for x in (0, (-s) % p)]
-    v = F.pad(vol[None, None], pads)[0, 0]
-    n = [s // p for s in v.shape]
-    return v.reshape(n[0], p, n[1], p, n[2], p).permute(1, 3, 5, 0, 2, 4).reshape(p ** 3, *n)
-
-
-def nn_offsets(fa: torch.Tensor, fb: torch.Tensor, radius: int = 3) -> torch.Tensor:
-    """For every cell of ``fa`` the offset ``d`` (cells, ``|d|_inf <= radius``) maximising
-    cosine(fa[x], fb[x + d]): ``(3, I, J, K)``."""
-    a = F.normalize(fa.float(), dim=0)
-    b = F.normalize(fb.float(), dim=0)
-    r = radius
-    bp = F.pad(b[None], (r, r, r, r, r, r))[0]
-    best = torch.full(a.shape[1:], -2.0)
-    arg = torch.zeros((3,) + tuple(a.shape[1:]), dtype=torch.long)
-    I, J, K = a.shape[1:]
-    for di in range(-r, r + 1):
-        for dj in range(-r, r + 1):
-            for dk in range(-r, r + 1):
-                sim = (a * bp[:, r + di:r + di + I, r + dj:r + dj + J, r + dk:r + dk + K]).sum(0)
-                better = sim > best
-                best = torch.where(better, sim, best)
-                for axis, d in enumerate((di, dj, dk)):
-                    arg[axis][better] = d
-    return arg
 
 
 def score(fa: torch.Tensor, fb: torch.Tensor, true_vox: tuple[float, float, float], fg: torch.Tensor,
