@@ -162,12 +162,13 @@ def run(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -> t
         start = time.perf_counter()
         parts = encode(spec, pair, progress, [spec.encoders[i] for i in used])
         timings["encode"] = time.perf_counter() - start
-        weights = [spec.ensemble.weights(len(spec.encoders), spec.features or "")[i] for i in used]
+        all_weights = spec.ensemble.weights(len(spec.encoders), spec.features or "")
+        weights = [all_weights[i] for i in used]
         if len(parts) > 1 and spec.ensemble.ensemble == "average":
             runs = [replace(pair, features=part, init=part.init) for part in parts]
         else:
-            refine = spec.ensemble.refinement_weights(len(spec.encoders), spec.features or "")
-            refine = None if refine is None else [refine[i] for i in used]
+            all_refine = spec.ensemble.refinement_weights(len(spec.encoders), spec.features or "")
+            refine = None if all_refine is None else [all_refine[i] for i in used]
             features = parts[0] if len(parts) == 1 else combine_features(parts, weights, refine)
             runs = [replace(pair, features=features, init=features.init)]
     fields, stage_totals = [], {}

@@ -37,7 +37,7 @@ def slice_axis(option: object, affine: np.ndarray) -> int:
 def mask_on_grid(mask: np.ndarray, grid: tuple[int, int, int]) -> torch.Tensor:
     """Fraction of foreground voxels in each feature cell > 0.5 (boolean ``grid``)."""
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    frac = torch.nn.functional.adaptive_avg_pool3d(t, grid)[0, 0]
+    frac = F.adaptive_avg_pool3d(t, grid)[0, 0]
     return frac > 0.5 if bool((frac > 0.5).any()) else frac > 0
 
 
@@ -122,15 +122,21 @@ def common_grid(image_shape: tuple[int, int, int], cell_sizes: tuple[int, ...]) 
 
 
 def reduce_planes(fixed: list[SliceFeatures], moving: list[SliceFeatures], req: EncodeRequest, k: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One joint foreground PCA over every plane's tokens of both images, each plane projected to
     ``k`` channels; a single plane stays on its own grid, several are resampled (trilinear,
-    cell-centred) onto :func:`common_grid` and averaged. Returns ``(k, I', J', K')`` twice."""
-    tokens = [(one.features, mask_on_grid(image_mask, one.grid_shape).to(one.features.device))
-              for planes, image_mask in ((fixed, req.fixed_mask), (moving, req.moving_mask)) for one in planes]
+    cell-centred) onto :func:`common_grid` and averaged.
+
+    Returns:
+        ``(fixed (k, I', J', K'), moving (k, I'', J'', K''))`` and their boolean foreground masks.
+    """
+    masks = [[mask_on_grid(image_mask, one.grid_shape).to(one.features.device) for one in planes]
+             for planes, image_mask in ((fixed, req.fixed_mask), (moving, req.moving_mask))]
+    tokens = [(one.features, mask) for planes, plane_masks in zip((fixed, moving), masks)
+              for one, mask in zip(planes, plane_masks)]
     basis = fit_joint_pca(tokens, k, seed=req.seed)
     if len(fixed) == 1:
-        return basis.transform(fixed[0].features), basis.transform(moving[0].features)
+        return (basis.transform(fixed[0].features), basis.transform(moving[0].features)), (masks[0][0], masks[1][0])
     grid = common_grid(tuple(req.fixed.shape), req.cell_sizes)
 
     def fuse(planes: list[SliceFeatures]) -> torch.Tensor:
@@ -138,7 +144,9 @@ def reduce_planes(fixed: list[SliceFeatures], moving: list[SliceFeatures], req: 
                                  align_corners=False)[0] for p in planes]
         return torch.stack(volumes).mean(0)
 
-    return fuse(fixed), fuse(moving)
+    device = fixed[0].features.device
+    return ((fuse(fixed), fuse(moving)),
+            (mask_on_grid(req.fixed_mask, grid).to(device), mask_on_grid(req.moving_mask, grid).to(device)))
 
 
 def slicewise_pair(loader: Callable[[EncoderSpec, str], Encoder2D], req: EncodeRequest) -> PairFeatures:
@@ -151,9 +159,7 @@ def slicewise_pair(loader: Callable[[EncoderSpec, str], Encoder2D], req: EncodeR
     encoded = [encode_pair_slices(req, model, a) for a in axes]
     fixed, moving = encoded[0]
     k = min(spec.pca_components, fixed.features.shape[0])
-    pf, pm = reduce_planes([f for f, _ in encoded], [m for _, m in encoded], req, k)
-    fmask = mask_on_grid(req.fixed_mask, tuple(pf.shape[1:])).to(pf.device)
-    mmask = mask_on_grid(req.moving_mask, tuple(pm.shape[1:])).to(pm.device)
+    (pf, pm), (fmask, mmask) = reduce_planes([f for f, _ in encoded], [m for _, m in encoded], req, k)
     scale = unit_scale(pf, pm, fmask, mmask)
     init = None
     if spec.slice_match and fixed.cls is not None:
