@@ -251,7 +251,6 @@ def encode(image: ImageLike, *, features: str = "dinov2", preset_name: str = "di
         ``(C, I', J', K')`` float32 features and the ``(4, 4)`` affine of the feature grid
         (cell-centred over the image, see :func:`dinoreg.spatial.affine.feature_affine`).
     """
-    overrides.setdefault("ensemble_weights", [1.0] * len(str(features).split("+")))  # not the preset's ensemble
     spec = resolve_spec(preset_name, None, features=features, **overrides)
     if not 1 <= int(components) <= 4096:
         raise DinoregError(f"--components must be between 1 and 4096, got {components}")
