@@ -40,6 +40,21 @@ def helper(fn: Callable[..., Any]) -> Callable[..., Any]:
     return numba.njit(fastmath=True, cache=True)(fn)
 
 
+def exact_kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``numba.njit(parallel=True, cache=True)`` *without* fastmath: every float operation as
+    written, in IEEE order, so a kernel can reproduce a numpy reference bit for bit (metrics)."""
+    if numba is None:
+        return fn
+    return numba.njit(parallel=True, cache=True)(fn)
+
+
+def exact_helper(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``numba.njit(cache=True)`` without fastmath, for serial functions of exact kernels."""
+    if numba is None:
+        return fn
+    return numba.njit(cache=True)(fn)
+
+
 def use_torch_threads() -> None:
     """Run numba's parallel loops on as many threads as torch uses."""
     if numba is not None:

@@ -25,7 +25,9 @@ fixed grid (the warped moving one) or on the grid ``disp`` indexes (the moving o
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -40,11 +42,35 @@ CROP = 2  # voxels removed on each side of the Jacobian determinant
 
 # --------------------------------------------------------------------------- overlap
 
+MAX_COUNTED_LABEL = 1 << 20  # label maps with values in [0, this) are counted with bincount
+
+
+def _counts(seg: np.ndarray) -> np.ndarray | None:
+    """Voxel count per label value (index = label) for non-negative integer maps with labels
+    below :data:`MAX_COUNTED_LABEL`; None for other maps (float, negative or huge labels)."""
+    a = np.asarray(seg)
+    if a.dtype.kind not in "uib" or a.size == 0:
+        return None
+    low, high = int(a.min()), int(a.max())
+    if low < 0 or high >= MAX_COUNTED_LABEL:
+        return None
+    return np.bincount(a.ravel(), minlength=high + 1) if a.dtype.kind != "b" else \
+        np.bincount(a.ravel().view(np.uint8), minlength=2)
+
+
+def _present(seg: np.ndarray) -> set[int]:
+    """The distinct values of a label map."""
+    counts = _counts(seg)
+    if counts is not None:
+        return {int(v) for v in np.flatnonzero(counts)}
+    return {int(v) for v in np.unique(seg)}
+
+
 def _labels(arrays: Iterable[np.ndarray | None]) -> list[int]:
     found: set[int] = set()
     for a in arrays:
         if a is not None:
-            found.update(int(v) for v in np.unique(a))
+            found.update(_present(a))
     return sorted(v for v in found if v != 0)
 
 
@@ -63,14 +89,33 @@ def dice_per_label(fixed_seg: np.ndarray, warped_seg: np.ndarray, labels: Sequen
     """
     _check_same_shape(fixed_seg, warped_seg, "warped segmentation")
     reference = warped_seg if moving_seg is None else moving_seg
+    labs = labels if labels is not None else _labels((fixed_seg, warped_seg, moving_seg))
+    fixed, warped = np.asarray(fixed_seg), np.asarray(warped_seg)
+    counted = [_counts(a) for a in (fixed, warped, reference)]
+    if any(c is None for c in counted):
+        return {int(lab): _dice_one(fixed == lab, warped == lab, (reference == lab).any()) for lab in labs}
+    n_fixed, n_warped, n_reference = counted
+    agree = fixed == warped
+    n_both = np.bincount(fixed[agree].ravel().astype(np.intp, copy=False), minlength=1)
+
+    def count(table: np.ndarray, lab: int) -> int:
+        return int(table[lab]) if 0 <= lab < len(table) else 0
+
     out = {}
-    for lab in (labels if labels is not None else _labels((fixed_seg, warped_seg, moving_seg))):
-        f, w = fixed_seg == lab, warped_seg == lab
-        if not f.any() or not (reference == lab).any():
+    for lab in labs:
+        f, w = count(n_fixed, int(lab)), count(n_warped, int(lab))
+        if f == 0 or count(n_reference, int(lab)) == 0:
             out[int(lab)] = float("nan")
-            continue
-        out[int(lab)] = float(2.0 * np.logical_and(f, w).sum() / (f.sum() + w.sum()))
+        else:
+            out[int(lab)] = float(2.0 * np.int64(count(n_both, int(lab))) / np.int64(f + w))
     return out
+
+
+def _dice_one(f: np.ndarray, w: np.ndarray, in_reference: bool) -> float:
+    """Dice of two boolean masks; NaN when ``f`` is empty or the label is not in the reference."""
+    if not f.any() or not in_reference:
+        return float("nan")
+    return float(2.0 * np.logical_and(f, w).sum() / (f.sum() + w.sum()))
 
 
 def hd95_per_label(fixed_seg: np.ndarray, warped_seg: np.ndarray, labels: Sequence[int] | None = None,
@@ -88,20 +133,51 @@ def hd95_per_label(fixed_seg: np.ndarray, warped_seg: np.ndarray, labels: Sequen
     sp = [float(s) for s in spacing]
     if fixed.ndim == 3 and fixed.shape[2] == 1:
         fixed, warped, ref, sp = fixed[..., 0], warped[..., 0], ref[..., 0], sp[:2]
-    out = {}
-    for lab in (labels if labels is not None else _labels((fixed_seg, warped_seg, moving_seg))):
-        f = fixed == lab
-        if not f.any() or not (ref == lab).any():
-            out[int(lab)] = float("nan")
-            continue
-        out[int(lab)] = robust_hausdorff(surface_distances(f, warped == lab, sp), percent)
-    return out
+    boxes = _label_boxes(fixed, warped)
+    in_fixed, in_reference = _present(fixed), _present(ref)
+    labs = [int(lab) for lab in (labels if labels is not None else _labels((fixed_seg, warped_seg, moving_seg)))]
+    scored = [lab for lab in labs if lab in in_fixed and lab in in_reference]
+
+    def one(lab: int) -> float:
+        box = boxes(lab)  # both masks lie inside: surface_distances crops to them anyway
+        return robust_hausdorff(surface_distances(fixed[box] == lab, warped[box] == lab, sp), percent)
+
+    with ThreadPoolExecutor(max_workers=_workers(len(scored))) as pool:  # the distance transforms release the GIL
+        values = dict(zip(scored, pool.map(one, scored)))
+    return {lab: values.get(lab, float("nan")) for lab in labs}
+
+
+def _workers(tasks: int) -> int:
+    """Threads for ``tasks`` independent label computations: at most the usable cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(tasks, cores))
+
+
+def _label_boxes(*segs: np.ndarray) -> Callable[[int], tuple[slice, ...]]:
+    """``box(label)``: the bounding box of ``label`` in all of ``segs`` together (the whole grid
+    for label maps :func:`ndimage.find_objects` cannot index: float, negative or huge labels)."""
+    whole = tuple(slice(0, n) for n in segs[0].shape)
+    if any(_counts(s) is None for s in segs):
+        return lambda label: whole
+    found = [ndimage.find_objects(np.asarray(s).astype(np.intp, copy=False)) for s in segs]
+
+    def box(label: int) -> tuple[slice, ...]:
+        parts = [f[label - 1] for f in found if 0 < label <= len(f) and f[label - 1] is not None]
+        if not parts:
+            return whole
+        return tuple(slice(min(p[a].start for p in parts), max(p[a].stop for p in parts)) for a in range(len(whole)))
+
+    return box
 
 
 # --------------------------------------------------------------------------- Jacobian
 
+SLAB = 8  # rows along i per block of the voxel-wise kernels (keeps their temporaries in cache)
+
+
 def _check_field(disp: np.ndarray) -> np.ndarray:
-    disp = np.asarray(disp, dtype=np.float64)
+    """The field as an array (its own dtype: the kernels convert block by block to float64)."""
+    disp = np.asarray(disp)
     if disp.ndim != 4 or disp.shape[-1] != 3:
         raise DinoregError(f"displacement field must have shape (I, J, K, 3), got {disp.shape}", "displacement")
     spatial = [s for s in disp.shape[:3] if s != 1]
@@ -132,14 +208,34 @@ def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
     disp = _check_field(disp)
     if disp.shape[2] == 1:
         return jacobian_determinant_2d(disp)
-    jac = np.empty((3, 3) + tuple(s - 2 * CROP for s in disp.shape[:3]))
-    inner = (slice(CROP, -CROP),) * 3
-    for a in range(3):  # derivative axis
-        for c in range(3):  # displacement component
-            jac[a, c] = _gradient(disp[..., c], a)[inner] + (1.0 if a == c else 0.0)
-    return (jac[0, 0] * (jac[1, 1] * jac[2, 2] - jac[1, 2] * jac[2, 1])
-            - jac[1, 0] * (jac[0, 1] * jac[2, 2] - jac[0, 2] * jac[2, 1])
-            + jac[2, 0] * (jac[0, 1] * jac[1, 2] - jac[0, 2] * jac[1, 1]))
+    size_i = disp.shape[0]
+    out = np.empty(tuple(s - 2 * CROP for s in disp.shape[:3]))
+    for start in range(CROP, size_i - CROP, SLAB):  # rows of the cropped output, block by block
+        stop = min(start + SLAB, size_i - CROP)
+        out[start - CROP:stop - CROP] = _det_block(np.asarray(disp[start - 1:stop + 1], dtype=np.float64))
+    return out
+
+
+def _det_block(block: np.ndarray) -> np.ndarray:
+    """detJ of the rows ``1 .. n`` of ``block`` (``(n + 2, J, K, 3)`` float64, one row of context
+    on each side along i), cropped by :data:`CROP` along j and k.
+
+    The central differences ``0.5 * (f[x+1] - f[x-1])`` are bit-identical to
+    :func:`_gradient`'s correlation (two exact half-weights, one rounding), so the result does not
+    depend on the block size."""
+    n = block.shape[0] - 2
+    size_j, size_k = block.shape[1:3]
+    jj, kk = slice(CROP, size_j - CROP), slice(CROP, size_k - CROP)
+    shifted = {  # (axis, +1/-1) -> the neighbour's rows/columns of the inner region
+        (0, 1): block[2:n + 2, jj, kk], (0, -1): block[0:n, jj, kk],
+        (1, 1): block[1:n + 1, CROP + 1:size_j - CROP + 1, kk], (1, -1): block[1:n + 1, CROP - 1:size_j - CROP - 1, kk],
+        (2, 1): block[1:n + 1, jj, CROP + 1:size_k - CROP + 1], (2, -1): block[1:n + 1, jj, CROP - 1:size_k - CROP - 1],
+    }
+    jac = [[(shifted[a, 1][..., c] - shifted[a, -1][..., c]) * 0.5 + (1.0 if a == c else 0.0) for c in range(3)]
+           for a in range(3)]
+    return (jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
+            - jac[1][0] * (jac[0][1] * jac[2][2] - jac[0][2] * jac[2][1])
+            + jac[2][0] * (jac[0][1] * jac[1][2] - jac[0][2] * jac[1][1]))
 
 
 def jacobian_determinant_2d(disp: np.ndarray) -> np.ndarray:
@@ -153,7 +249,7 @@ def jacobian_determinant_2d(disp: np.ndarray) -> np.ndarray:
     disp = _check_field(disp)
     if disp.shape[2] != 1:
         raise DinoregError(f"a 2D field must have shape (I, J, 1, 3), got {disp.shape}", "displacement")
-    u = disp[:, :, 0, :]
+    u = np.asarray(disp[:, :, 0, :], dtype=np.float64)
     inner = (slice(CROP, -CROP),) * 2
     g = {(a, c): _gradient(u[..., c], a)[inner] for a in range(2) for c in range(2)}
     det = (1.0 + g[0, 0]) * (1.0 + g[1, 1]) - g[1, 0] * g[0, 1]
@@ -231,10 +327,33 @@ def tre(fix_lms: np.ndarray, mov_lms: np.ndarray, disp: np.ndarray,
 def warp_segmentation(moving_seg: np.ndarray, disp: np.ndarray) -> np.ndarray:
     """Nearest-neighbour pull-back of a label map, as the evaluator
     (``map_coordinates(moving_seg, identity + disp, order=0)``, outside = 0)."""
+    seg = np.asarray(moving_seg)
+    if seg.ndim != 3:
+        raise DinoregError(f"label map must be 3D, got shape {seg.shape}", "moving segmentation")
     shape = disp.shape[:3]
-    identity = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
-    coords = np.stack(identity) + np.moveaxis(np.asarray(disp, dtype=np.float64), -1, 0)
-    return ndimage.map_coordinates(np.asarray(moving_seg), coords, order=0)
+    out = np.empty(shape, seg.dtype)
+    grid_jk = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
+    flat = seg.ravel()
+    for start in range(0, shape[0], SLAB):
+        stop = min(start + SLAB, shape[0])
+        u = np.asarray(disp[start:stop], dtype=np.float64)
+        coords = (np.arange(start, stop).reshape(-1, 1, 1) + u[..., 0], grid_jk[0] + u[..., 1], grid_jk[1] + u[..., 2])
+        out[start:stop] = _nearest_lookup(flat, seg.shape, coords)
+    return out
+
+
+def _nearest_lookup(flat: np.ndarray, shape: tuple[int, ...], coords: Sequence[np.ndarray]) -> np.ndarray:
+    """``map_coordinates(order=0, mode="constant", cval=0)`` of the C-ordered array ``flat`` of
+    ``shape`` at float64 voxel coordinates: the value at ``floor(x + 0.5)`` where every
+    coordinate lies in ``[0, n - 1]`` (scipy's rule for the constant mode), else 0."""
+    inside = np.ones(coords[0].shape, bool)
+    index = np.zeros(coords[0].shape, np.intp)
+    for x, n in zip(coords, shape):
+        inside &= (x >= 0) & (x <= n - 1)
+        nearest = np.floor(x + 0.5).astype(np.intp)
+        np.clip(nearest, 0, n - 1, out=nearest)
+        index = index * n + nearest
+    return np.where(inside, flat[index], np.zeros((), flat.dtype))
 
 
 def _nanmean(values: Iterable[float]) -> float:

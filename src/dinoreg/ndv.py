@@ -39,6 +39,8 @@ from itertools import product
 import numpy as np
 
 from dinoreg.errors import DinoregError
+from dinoreg.jit import available as jit_available
+from dinoreg.jit import exact_helper, exact_kernel, prange, use_torch_threads
 
 #: the 8 one-sided difference combinations (sign per axis i, j, k)
 CORNER_SIGNS = tuple(product((1, -1), repeat=3))
@@ -47,7 +49,7 @@ CENTRAL_OFFSETS = (
     ((-1, -1, 0), (-1, 0, -1), (0, -1, -1)),  # "J1*"
     ((1, 1, 0), (0, 1, 1), (1, 0, 1)),        # "J2*"
 )
-CHUNK = 32  # slices along i per block (bounds the memory of large volumes)
+CHUNK = 4  # slices along i per block (keeps the temporaries of large volumes in cache)
 
 
 def _det3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -78,6 +80,18 @@ def _deformation_padded(disp: np.ndarray) -> np.ndarray:
     return u
 
 
+def _deformation_rows(disp: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start - 1 .. stop`` of :func:`_deformation_padded` (``(stop - start + 2, J + 2,
+    K + 2, 3)``), computed from those rows alone: the same float64 values, block by block."""
+    size_i = disp.shape[0]
+    rows = np.clip(np.arange(start - 1, stop + 1), 0, size_i - 1)  # edge padding along i
+    u = np.pad(np.asarray(disp[rows], dtype=np.float64), [(0, 0), (1, 1), (1, 1), (0, 0)], mode="edge")
+    u[..., 0] += np.arange(start - 1, stop + 1, dtype=np.float64).reshape(-1, 1, 1)
+    u[..., 1] += np.arange(-1, disp.shape[1] + 1, dtype=np.float64).reshape(1, -1, 1)
+    u[..., 2] += np.arange(-1, disp.shape[2] + 1, dtype=np.float64).reshape(1, 1, -1)
+    return u
+
+
 def ndv_map(disp: np.ndarray) -> np.ndarray:
     """Non-diffeomorphic volume per voxel, in voxels (0 where every tetrahedron is positive).
 
@@ -92,13 +106,21 @@ def ndv_map(disp: np.ndarray) -> np.ndarray:
     disp = _check(disp)
     if disp.shape[2] == 1:
         return _nda_map(disp[:, :, 0, :2])[..., None]
-    phi = _deformation_padded(disp)
+    if jit_available() and disp.dtype in (np.float32, np.float64):
+        out = np.empty(disp.shape[:3], dtype=np.float64)
+        use_torch_threads()
+        _ndv_kernel(np.ascontiguousarray(disp), np.asarray(CENTRAL_OFFSETS, dtype=np.int64), out)
+        return out
+    return _ndv_map_numpy(disp)
+
+
+def _ndv_map_numpy(disp: np.ndarray) -> np.ndarray:
+    """:func:`ndv_map` of a 3D field in numpy, block by block (the reference of the kernel)."""
     shape = disp.shape[:3]
     out = np.empty(shape, dtype=np.float64)
     for start in range(0, shape[0], CHUNK):
         stop = min(start + CHUNK, shape[0])
-        # rows start-1 .. stop of the original grid = padded rows start .. stop+1
-        block = phi[start:stop + 2]
+        block = _deformation_rows(disp, start, stop)  # rows start-1 .. stop, edge-padded
         n = stop - start
 
         def at(di: int, dj: int, dk: int) -> np.ndarray:
@@ -116,6 +138,69 @@ def ndv_map(disp: np.ndarray) -> np.ndarray:
             neg += np.maximum(-_det3(*cols), 0.0)
         out[start:stop] = 0.5 * neg / 6.0
     return out
+
+
+@exact_helper
+def _phi(u: np.ndarray, i: int, j: int, k: int, c: int) -> float:
+    """Component ``c`` of ``p + u(p)`` at ``p = (i, j, k)``, ``u`` edge-padded outside the grid
+    (the values of :func:`_deformation_padded`, float64)."""
+    p = (np.int64(i), np.int64(j), np.int64(k))
+    ci = min(max(p[0], 0), u.shape[0] - 1)
+    cj = min(max(p[1], 0), u.shape[1] - 1)
+    ck = min(max(p[2], 0), u.shape[2] - 1)
+    return float(u[ci, cj, ck, c]) + float(p[c])
+
+
+@exact_helper
+def _det_cols(a0: float, a1: float, a2: float, b0: float, b1: float, b2: float,
+              c0: float, c1: float, c2: float) -> float:
+    """:func:`_det3` of one matrix with columns ``a, b, c`` (the same operations in the same order)."""
+    return (a0 * (b1 * c2 - b2 * c1)
+            - b0 * (a1 * c2 - a2 * c1)
+            + c0 * (a1 * b2 - a2 * b1))
+
+
+@exact_kernel
+def _ndv_kernel(u: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
+    """:func:`_ndv_map_numpy` in one parallel pass over the voxels, bit-identical: the 8 corner
+    tetrahedra in :data:`CORNER_SIGNS` order (forward ``phi(p+e) - phi(p)``, backward
+    ``phi(p) - phi(p-e)``), then the two central ones, accumulated in the same order."""
+    size_i, size_j, size_k = out.shape
+    for i in prange(size_i):
+        fwd = np.empty((3, 3))
+        bwd = np.empty((3, 3))
+        col = np.empty((3, 3))
+        centre = np.empty(3)
+        for j in range(size_j):
+            for k in range(size_k):
+                for c in range(3):
+                    centre[c] = _phi(u, i, j, k, c)
+                    fwd[0, c] = _phi(u, i + 1, j, k, c) - centre[c]
+                    fwd[1, c] = _phi(u, i, j + 1, k, c) - centre[c]
+                    fwd[2, c] = _phi(u, i, j, k + 1, c) - centre[c]
+                    bwd[0, c] = centre[c] - _phi(u, i - 1, j, k, c)
+                    bwd[1, c] = centre[c] - _phi(u, i, j - 1, k, c)
+                    bwd[2, c] = centre[c] - _phi(u, i, j, k - 1, c)
+                neg = 0.0
+                for s0 in range(2):  # sign +1 first, as itertools.product((1, -1), repeat=3)
+                    for s1 in range(2):
+                        for s2 in range(2):
+                            signs = (s0, s1, s2)
+                            for a in range(3):
+                                for c in range(3):
+                                    col[a, c] = fwd[a, c] if signs[a] == 0 else bwd[a, c]
+                            det = _det_cols(col[0, 0], col[0, 1], col[0, 2], col[1, 0], col[1, 1], col[1, 2],
+                                            col[2, 0], col[2, 1], col[2, 2])
+                            neg += max(-det, 0.0)
+                for t in range(2):  # "J1*" then "J2*" (CENTRAL_OFFSETS)
+                    for a in range(3):
+                        for c in range(3):
+                            col[a, c] = _phi(u, i + offsets[t, a, 0], j + offsets[t, a, 1], k + offsets[t, a, 2],
+                                             c) - centre[c]
+                    det = _det_cols(col[0, 0], col[0, 1], col[0, 2], col[1, 0], col[1, 1], col[1, 2],
+                                    col[2, 0], col[2, 1], col[2, 2])
+                    neg += max(-det, 0.0)
+                out[i, j, k] = 0.5 * neg / 6.0
 
 
 def _nda_map(disp2: np.ndarray) -> np.ndarray:

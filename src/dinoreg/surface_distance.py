@@ -177,11 +177,20 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 
 def _codes(mask: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
-    """Neighbourhood codes on the corner grid of ``mask`` cropped to ``box`` (+1 zero layer)."""
-    crop = np.zeros(tuple(s.stop - s.start + 1 for s in box), np.uint8)
-    crop[tuple(slice(0, s.stop - s.start) for s in box)] = mask[box]
+    """Neighbourhood codes on the corner grid of ``mask`` cropped to ``box`` (+1 zero layer).
+
+    Corner ``x`` of the grid (shape: the box's + 1) codes the voxels ``x - 1 + offset`` for the
+    ``2 ** ndim`` offsets in {0, 1}^ndim, zero outside the box: ``ndimage.correlate`` of the crop
+    with the power-of-two kernel, computed as shifted ORs of bits (uint8)."""
+    size = tuple(s.stop - s.start for s in box)
+    padded = np.zeros(tuple(n + 2 for n in size), np.uint8)
+    padded[tuple(slice(1, n + 1) for n in size)] = mask[box]
     kernel = _KERNEL_3D if mask.ndim == 3 else _KERNEL_2D
-    return ndimage.correlate(crop.astype(np.int32), kernel, mode="constant", cval=0)
+    codes = np.zeros(tuple(n + 1 for n in size), np.uint8)
+    for offset in np.ndindex(*kernel.shape):
+        view = padded[tuple(slice(o, o + n + 1) for o, n in zip(offset, size))]
+        codes |= view << np.uint8(int(kernel[offset]).bit_length() - 1)
+    return codes
 
 
 def _sorted(distances: np.ndarray, areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

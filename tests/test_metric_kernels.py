@@ -1,0 +1,136 @@
+"""The fast metric kernels give exactly what the straightforward versions give.
+
+``make demo`` spends most of its time outside registration in the metrics and in writing the
+field; these kernels (block-wise, bincount, bit-shift codes, a numba NDV pass, ISA-L gzip) must
+not change a single value or byte of what is written. Each is compared with the reference it
+replaced, bit for bit, on random inputs built to hit the edge cases and on real label maps.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from dinoreg import metrics, ndv, surface_distance
+from dinoreg.io.images import save_image
+from dinoreg.jit import available as jit_available
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SEG = SHARED / "learn2reg_tutorial2019_brain_t1" / "subject_1_seg.nii.gz"
+
+
+def _map_coordinates_reference(seg: np.ndarray, disp: np.ndarray) -> np.ndarray:
+    identity = np.meshgrid(*(np.arange(s) for s in disp.shape[:3]), indexing="ij")
+    coords = np.stack(identity) + np.moveaxis(np.asarray(disp, dtype=np.float64), -1, 0)
+    return ndimage.map_coordinates(seg, coords, order=0)
+
+
+def _jacobian_reference(disp: np.ndarray) -> np.ndarray:
+    disp = np.asarray(disp, dtype=np.float64)
+    jac = np.empty((3, 3) + tuple(s - 4 for s in disp.shape[:3]))
+    for a in range(3):
+        for c in range(3):
+            jac[a, c] = metrics._gradient(disp[..., c], a)[2:-2, 2:-2, 2:-2] + (1.0 if a == c else 0.0)
+    return (jac[0, 0] * (jac[1, 1] * jac[2, 2] - jac[1, 2] * jac[2, 1])
+            - jac[1, 0] * (jac[0, 1] * jac[2, 2] - jac[0, 2] * jac[2, 1])
+            + jac[2, 0] * (jac[0, 1] * jac[1, 2] - jac[0, 2] * jac[1, 1]))
+
+
+def _random_labels(shape: tuple[int, ...], seed: int, n: int = 6) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    smooth = ndimage.gaussian_filter(rng.standard_normal(shape), 2.0)
+    return np.digitize(smooth, np.quantile(smooth, np.linspace(0, 1, n + 1)[1:-1])).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_warp_segmentation_is_map_coordinates_order_0(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (13, 17, 11)
+    seg = rng.integers(0, 9, shape).astype(np.int16)
+    disp = (rng.standard_normal(shape + (3,)) * 4).astype(np.float32)
+    disp[::3, ::2, :, 0] = np.round(disp[::3, ::2, :, 0]) + 0.5  # exact halves: the rounding rule
+    disp[0, :, :, 1] = -np.arange(shape[1])[:, None]  # lands exactly on the lower edge
+    disp[-1, :, :, 2] = (shape[2] - 1) - np.arange(shape[2])[None, :]  # exactly on the upper edge
+    out = metrics.warp_segmentation(seg, disp)
+    assert out.dtype == seg.dtype
+    np.testing.assert_array_equal(out, _map_coordinates_reference(seg, disp))
+
+
+def test_jacobian_blocks_equal_the_correlation_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    disp = (ndimage.gaussian_filter(rng.standard_normal((23, 19, 21, 3)), (1.5, 1.5, 1.5, 0)) * 20).astype(np.float32)
+    got = metrics.jacobian_determinant(disp)
+    assert got.shape == (19, 15, 17)
+    np.testing.assert_array_equal(got, _jacobian_reference(disp))
+    assert (got <= 0).any() and (got > 0).any()  # the case has folds and regular voxels
+
+
+def test_ndv_kernel_equals_numpy_bit_for_bit() -> None:
+    if not jit_available():
+        pytest.skip("numba not installed: the numpy path is the only one")
+    rng = np.random.default_rng(4)
+    for shape, amplitude in (((9, 8, 7), 1.5), ((3, 4, 2), 3.0), ((20, 6, 9), 0.6)):
+        disp = (rng.standard_normal(shape + (3,)) * amplitude).astype(np.float32)
+        kernel, numpy = ndv.ndv_map(disp), ndv._ndv_map_numpy(disp)
+        assert kernel.max() > 0
+        np.testing.assert_array_equal(kernel, numpy)
+        np.testing.assert_array_equal(ndv.ndv_map(disp.astype(np.float64)), numpy)
+
+
+def test_dice_by_counts_equals_the_mask_loop() -> None:
+    fixed, warped, moving = (_random_labels((20, 22, 18), seed) for seed in (5, 6, 7))
+    moving[moving == 3] = 0  # label 3 absent from moving: NaN
+    labels = [1, 2, 3, 4, 5, 9]  # 9 absent everywhere: NaN
+    got = metrics.dice_per_label(fixed, warped, labels, moving_seg=moving)
+    ref = metrics.dice_per_label(fixed.astype(np.float64), warped.astype(np.float64), labels,
+                                 moving_seg=moving.astype(np.float64))  # floats take the mask loop
+    assert got.keys() == ref.keys()
+    for lab in labels:
+        assert (np.isnan(got[lab]) and np.isnan(ref[lab])) or got[lab] == ref[lab], lab
+    assert np.isnan(got[3]) and np.isnan(got[9]) and 0 < got[1] < 1
+
+
+def test_surface_codes_equal_the_correlation() -> None:
+    rng = np.random.default_rng(8)
+    for shape in ((9, 11, 13), (12, 7), (5, 6, 1)):
+        mask = rng.random(shape) > 0.6
+        box = surface_distance._bounding_box(mask)
+        crop = np.zeros(tuple(s.stop - s.start + 1 for s in box), np.int32)
+        crop[tuple(slice(0, s.stop - s.start) for s in box)] = mask[box]
+        kernel = surface_distance._KERNEL_3D if mask.ndim == 3 else surface_distance._KERNEL_2D
+        reference = ndimage.correlate(crop, kernel, mode="constant", cval=0)
+        np.testing.assert_array_equal(surface_distance._codes(mask, box), reference)
+
+
+@pytest.mark.skipif(not SEG.exists(), reason="shared data missing")
+def test_hd95_on_label_boxes_equals_whole_volume_masks() -> None:
+    fixed = np.asarray(nib.load(str(SEG)).dataobj)[40:100, 60:130, 70:150]
+    warped = np.roll(fixed, (2, -1, 3), axis=(0, 1, 2))
+    labels = metrics._labels((fixed, warped))[:12]
+    got = metrics.hd95_per_label(fixed, warped, labels, spacing=(1.0, 1.2, 0.8))
+    for lab in labels:
+        f, w = fixed == lab, warped == lab
+        expected = surface_distance.robust_hausdorff(surface_distance.surface_distances(f, w, (1.0, 1.2, 0.8)))
+        assert got[lab] == expected, lab
+    floats = metrics.hd95_per_label(fixed.astype(np.float32), warped.astype(np.float32), labels)
+    assert floats == metrics.hd95_per_label(fixed, warped, labels)  # whole-grid boxes for float maps
+
+
+def test_nifti_gz_holds_the_bytes_nibabel_writes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    field = rng.standard_normal((12, 10, 8, 3)).astype(np.float32)
+    affine = np.diag([1.5, 1.0, 2.0, 1.0])
+    affine[:3, 3] = (4.0, -3.0, 7.0)
+    ours = save_image(field, affine, tmp_path / "ours.nii.gz")
+    img = nib.Nifti1Image(field, affine)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(tmp_path / "nibabel.nii.gz"))
+    assert gzip.decompress(ours.read_bytes()) == gzip.decompress((tmp_path / "nibabel.nii.gz").read_bytes())
+    back = nib.load(str(ours))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), field)
+    np.testing.assert_array_equal(back.affine, affine)
