@@ -7,7 +7,9 @@ are saved with the CT's grid affine, so they overlap as if centred (Learn2Reg Ab
 Labels 1-7 (spleen, kidney R, kidney L, gallbladder, liver, stomach, pancreas) carry the same
 values in both maps; everything else is set to 0.
 
-Usage: python benchmarks/abdomen_pair.py OUTDIR   (writes ct.nii.gz, ct_seg.nii.gz, mr.nii.gz, mr_seg.nii.gz)
+Usage: python benchmarks/abdomen_pair.py OUTDIR [--world]
+(writes ct.nii.gz, ct_seg.nii.gz, mr.nii.gz, mr_seg.nii.gz; ``--world``: the MR keeps its own world
+coordinates, see :func:`build_abdomen_pair`)
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ def resample(data: np.ndarray, affine: np.ndarray, grid: np.ndarray, order: int,
     return out.reshape(SHAPE)
 
 
-def build_abdomen_pair(shared: Path, out: Path) -> dict[str, Path]:
-    """Write the four files to ``out``; returns their paths (keys fixed, fixed_labels, moving, moving_labels)."""
+def build_abdomen_pair(shared: Path, out: Path, keep_world: bool = False) -> dict[str, Path]:
+    """Write the four files to ``out``; returns their paths (keys fixed, fixed_labels, moving, moving_labels).
+
+    ``keep_world``: save the MR (and its labels) with its own grid's affine, in its own world
+    coordinates, instead of the CT's: the same voxels as the centred pair, but the two scans do
+    not overlap physically (the pair ``--init`` has to align)."""
     import nibabel as nib
 
     out.mkdir(parents=True, exist_ok=True)
@@ -61,11 +67,13 @@ def build_abdomen_pair(shared: Path, out: Path) -> dict[str, Path]:
         name = "ct" if key == "fixed" else "mr"
         paths[key] = out / f"{name}.nii.gz"
         paths[key + "_labels"] = out / f"{name}_seg.nii.gz"
-        nib.save(nib.Nifti1Image(vol.astype(np.float32), ct_grid), str(paths[key]))
-        nib.save(nib.Nifti1Image(labels, ct_grid), str(paths[key + "_labels"]))
+        affine = grid if keep_world else ct_grid
+        nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), str(paths[key]))
+        nib.save(nib.Nifti1Image(labels, affine), str(paths[key + "_labels"]))
     return paths
 
 
 if __name__ == "__main__":
     shared = Path(__file__).resolve().parents[2] / "shared"
-    print(build_abdomen_pair(shared, Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/abdomen_pair")))
+    args = [a for a in sys.argv[1:] if a != "--world"]
+    print(build_abdomen_pair(shared, Path(args[0] if args else "/tmp/abdomen_pair"), keep_world="--world" in sys.argv))

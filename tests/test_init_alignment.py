@@ -3,6 +3,9 @@ the composite field and the one-interpolation warp."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -26,11 +29,11 @@ def test_non_overlapping_pair_is_refused_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.parametrize("init,floor", [("centre", 0.53), ("affine", 0.52)])
+@pytest.mark.parametrize("init,floor", [("centre", 0.53), ("affine", 0.55)])
 def test_init_registers_the_stored_abdominal_pair(tmp_path, init, floor):
     result = dinoreg.register(str(CT), str(MR), fixed_labels=str(CT_SEG), moving_labels=str(MR_SEG),
                               eval_labels=list(range(1, 8)), init=init, progress=False)
-    # measured: centre 0.550, affine 0.542 (centred Learn2Reg-style pair with mind: 0.5696)
+    # measured: centre 0.550, affine 0.569 (centred Learn2Reg-style pair with mind: 0.5696)
     assert result.metrics["dice_mean"] > floor
     # the composite field points into the moving image's world: warping the original moving image
     # with it (one interpolation) reproduces the registration's warped image and labels
@@ -42,3 +45,18 @@ def test_init_registers_the_stored_abdominal_pair(tmp_path, init, floor):
     np.testing.assert_array_equal(labels.array, result.warped_labels)
     scores = dinoreg.evaluate(str(disp), str(CT_SEG), str(MR_SEG), moving=str(MR), eval_labels=list(range(1, 8)))
     assert scores["dice_mean"] == pytest.approx(result.metrics["dice_mean"], abs=1e-9)
+
+
+def test_affine_aligns_the_learn2reg_pair_kept_in_world_coordinates(tmp_path):
+    """The 2 mm Learn2Reg-style pair, but the MR keeps its own world position (no overlap):
+    ``affine`` must land within 0.02 Dice7 of the centred pair's 0.5696 (measured 0.5739; the
+    ``moments`` start alone gives 0.391, so the multi-start decides this)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from abdomen_pair import build_abdomen_pair
+
+    paths = build_abdomen_pair(DATA.parent, tmp_path, keep_world=True)
+    files = {k: str(v) for k, v in paths.items()}
+    result = dinoreg.register(files["fixed"], files["moving"], fixed_labels=files["fixed_labels"],
+                              moving_labels=files["moving_labels"], eval_labels=list(range(1, 8)), init="affine",
+                              progress=False)
+    assert result.metrics["dice_mean"] >= 0.5696 - 0.02

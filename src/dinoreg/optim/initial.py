@@ -8,8 +8,10 @@ the composite ``p -> A_fixed^-1 T A_fixed (p + u(p))`` (:func:`dinoreg.spatial.w
 * ``centre``: the centres of the two fields of view coincide.
 * ``moments``: the intensity centres of mass of the two foregrounds coincide.
 * ``affine``: 12 parameters (a 3x3 matrix about the fixed grid's centre + a translation, in
-  fixed voxels) from the ``moments`` start, Adam on the SSD of MIND-SSC features, two levels
-  (features pooled by 4 then 2 voxels).
+  fixed voxels), Adam on the SSD of MIND-SSC features, two levels (features pooled by 4 then 2
+  voxels). Both the ``centre`` and the ``moments`` starts are optimised at the coarse level and
+  the one with the lower cost is refined (:class:`AffineFit`): the intensity centres of mass of
+  a CT and an MR of different fields of view can lie 10 cm apart.
 """
 
 from __future__ import annotations
@@ -62,58 +64,92 @@ class InitialStage:
         own grid; ``threshold``: their foreground threshold."""
         if self.mode == "none":
             return np.eye(4)
+        centred = _translation(fov_centre(moving) - fov_centre(fixed))
         if self.mode == "centre":
-            return _translation(fov_centre(moving) - fov_centre(fixed))
-        start = _translation(centre_of_mass(moving, moving_norm * (moving_norm > threshold))
-                             - centre_of_mass(fixed, fixed_norm * (fixed_norm > threshold)))
+            return centred
+        moments = _translation(centre_of_mass(moving, moving_norm * (moving_norm > threshold))
+                               - centre_of_mass(fixed, fixed_norm * (fixed_norm > threshold)))
         if self.mode == "moments":
-            return start
-        with progress.stage("affine", total=2 * self.iterations) as step:
-            return self._affine(fixed, fixed_norm, moving, moving_norm, start, device, step)
+            return moments
+        fit = AffineFit(fixed, fixed_norm, moving, moving_norm, device)
+        with progress.stage("affine", total=(len(START_NAMES) + 1) * self.iterations) as step:
+            return fit.run((centred, moments), self.iterations, step)
 
-    def _affine(self, fixed: Image, fixed_norm: np.ndarray, moving: Image, moving_norm: np.ndarray,
-                start: np.ndarray, device: torch.device, step) -> np.ndarray:
+
+START_NAMES = ("centre", "moments")  #: the starts of ``affine``, tried at the coarse level
+LEVELS = (4, 2)  #: pooling of the MIND features per level of ``affine``, voxels
+
+
+class AffineFit:
+    """12-parameter affine on MIND-SSC features: every start is optimised at the coarse level,
+    the one with the lowest cost is refined at the finer levels.
+
+    Parameters (fixed voxels): a matrix ``I + 0.1 P`` about the fixed grid's centre and a
+    translation, composed after the start's world translation."""
+
+    def __init__(self, fixed: Image, fixed_norm: np.ndarray, moving: Image, moving_norm: np.ndarray,
+                 device: torch.device) -> None:
+        self.fixed, self.moving, self.moving_norm, self.device = fixed, moving, moving_norm, device
+        self.fix_t = torch.from_numpy(np.ascontiguousarray(fixed_norm, dtype=np.float32)).to(device)[None, None]
+        shape = np.asarray(fixed.shape, dtype=np.float64)
+        self.centre = torch.tensor((shape - 1) / 2, dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
+
+    def run(self, starts: tuple[np.ndarray, ...], iterations: int, step) -> np.ndarray:
+        """The world affine fixed -> moving after the multi-start coarse level and the refinement."""
+        trials = []
+        for start in starts:
+            params = torch.zeros(12, dtype=torch.float32, device=self.device)
+            trials.append((self._optimise(start, params, LEVELS[0], iterations, step), start, params))
+        _, start, params = min(trials, key=lambda trial: trial[0])
+        for level in LEVELS[1:]:
+            self._optimise(start, params, level, iterations, step)
+        return start @ self.fixed.affine @ self._voxel_affine(params) @ np.linalg.inv(self.fixed.affine)
+
+    def _features(self, start: np.ndarray, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled MIND-SSC ``(1, 12, cells)`` of the fixed image and of the moving one resampled
+        through ``start`` onto the fixed grid."""
         from dinoreg.features.mind import mind_ssc
+
+        to_moving = np.linalg.inv(self.moving.affine) @ start @ self.fixed.affine
+        on_fixed = resample_through(self.moving_norm, to_moving, self.fixed.shape)
+        mov_t = torch.from_numpy(np.ascontiguousarray(on_fixed, dtype=np.float32)).to(self.device)[None, None]
+        pool = tuple(min(level, n) if n > 1 else 1 for n in self.fixed.shape)
+        with torch.no_grad():
+            return tuple(torch.nn.functional.avg_pool3d(mind_ssc(t, 1, 2, pool=1), pool, stride=pool, ceil_mode=True)
+                         for t in (self.fix_t, mov_t))
+
+    def _optimise(self, start: np.ndarray, params: torch.Tensor, level: int, iterations: int, step) -> float:
+        """Adam on ``params`` (in place) at one level; returns the last cost (mean SSD per cell)."""
         from dinoreg.optim.instance import Adam
 
-        # the moving image through the start transform on the fixed grid (only for the search)
-        to_moving = np.linalg.inv(moving.affine) @ start @ fixed.affine
-        on_fixed = resample_through(moving_norm, to_moving, fixed.shape)
-        shape = np.asarray(fixed.shape, dtype=np.float64)
-        centre = torch.tensor((shape - 1) / 2, dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
-        params = torch.zeros(12, dtype=torch.float32, device=device)
-        fix_t = torch.from_numpy(np.ascontiguousarray(fixed_norm, dtype=np.float32)).to(device)[None, None]
-        mov_t = torch.from_numpy(np.ascontiguousarray(on_fixed, dtype=np.float32)).to(device)[None, None]
-        for level in (4, 2):
-            pool = tuple(min(level, n) if n > 1 else 1 for n in fixed.shape)
-            with torch.no_grad():
-                ff = mind_ssc(fix_t, 1, 2, pool=1)
-                fm = mind_ssc(mov_t, 1, 2, pool=1)
-                ff = torch.nn.functional.avg_pool3d(ff, pool, stride=pool, ceil_mode=True)
-                fm = torch.nn.functional.avg_pool3d(fm, pool, stride=pool, ceil_mode=True)
-            cells = tuple(ff.shape[2:])
-            scale = torch.tensor(pool, dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
-            offset = (scale - 1) / 2
-            points = identity_grid(cells, device) * scale + offset  # fixed voxels of the cell centres
-            optimiser = Adam(params, lr=0.05)
-            for _ in range(self.iterations):
-                leaf = params.detach().requires_grad_(True)
-                matrix = torch.eye(3, device=device) + 0.1 * leaf[:9].view(3, 3)
-                shift = leaf[9:].view(1, 3, 1, 1, 1) * scale
-                rel = (points - centre).reshape(3, -1)
-                moved = (matrix @ rel).view(1, 3, *cells) + centre + shift
-                warped = sample(fm, (moved - offset) / scale, padding_mode="zeros")
-                loss = (warped - ff).pow(2).sum(1).mean()
-                loss.backward()
-                optimiser.step(leaf.grad)
-                step(1)
+        ff, fm = self._features(start, level)
+        cells = tuple(ff.shape[2:])
+        pool = tuple(min(level, n) if n > 1 else 1 for n in self.fixed.shape)
+        scale = torch.tensor(pool, dtype=torch.float32, device=self.device).view(1, 3, 1, 1, 1)
+        offset = (scale - 1) / 2
+        rel = ((identity_grid(cells, self.device) * scale + offset) - self.centre).reshape(3, -1)
+        optimiser = Adam(params, lr=0.05)
+        cost = float("inf")
+        for _ in range(iterations):
+            leaf = params.detach().requires_grad_(True)
+            matrix = torch.eye(3, device=self.device) + 0.1 * leaf[:9].view(3, 3)
+            moved = (matrix @ rel).view(1, 3, *cells) + self.centre + leaf[9:].view(1, 3, 1, 1, 1) * scale
+            loss = (sample(fm, (moved - offset) / scale, padding_mode="zeros") - ff).pow(2).sum(1).mean()
+            loss.backward()
+            optimiser.step(leaf.grad)
+            cost = float(loss.detach())
+            step(1)
+        return cost
+
+    def _voxel_affine(self, params: torch.Tensor) -> np.ndarray:
+        """The fitted fixed-voxel affine ``(4, 4)``: ``p -> c + M (p - c) + t``."""
         p = params.detach().cpu().double().numpy()
         matrix = np.eye(3) + 0.1 * p[:9].reshape(3, 3)
-        c = (shape - 1) / 2
+        c = (np.asarray(self.fixed.shape, dtype=np.float64) - 1) / 2
         vox = np.eye(4)
         vox[:3, :3] = matrix
         vox[:3, 3] = c - matrix @ c + p[9:]
-        return start @ fixed.affine @ vox @ np.linalg.inv(fixed.affine)
+        return vox
 
 
 def resample_through(moving: np.ndarray, fixed_to_moving_voxel: np.ndarray, shape: tuple[int, ...],
