@@ -1,8 +1,10 @@
 """ConvexAdam (Siebert, Hansen & Heinrich): a coupled convex discrete search on coarse cells,
 then Adam instance optimisation of a dense field, on any encoder's feature volumes.
 
-Stages: :class:`~dinoreg.optim.convex_adam.ConvexStage` -> ``AdamStage`` -> (``SmoothStage``
-when ``final_smoothing`` > 0).
+Stages: :class:`~dinoreg.optim.convex_adam.ConvexStage` -> ``AdamStage`` -> (a final level when
+``fine_iterations`` > 0: a second ``AdamStage`` on cells of ``fine_grid_sp`` voxels started from the
+first's field, or, with ``fine_reencode``, a ``ReencodedAdamStage`` on the moving image warped by
+that field and encoded again) -> (``SmoothStage`` when ``final_smoothing`` > 0).
 """
 
 from __future__ import annotations
@@ -10,12 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from dinoreg.features.base import EncoderSpec
+import numpy as np
+import torch
+
+from dinoreg.errors import DinoregError
+from dinoreg.features.base import EncodeRequest, EncoderSpec
+from dinoreg.features.registry import encoder_entry
 from dinoreg.methods.registry import MethodSpec, method
 from dinoreg.optim.convex import ConvexConfig
-from dinoreg.optim.convex_adam import AdamStage, ConvexStage, SmoothStage
+from dinoreg.optim.convex_adam import AdamStage, ConvexStage, MovingEncoder, ReencodedAdamStage, SmoothStage
 from dinoreg.optim.instance import InstanceConfig
-from dinoreg.pair import Stage
+from dinoreg.pair import RegistrationPair, Stage
+from dinoreg.progress import Progress
 from dinoreg.spec import setting
 
 
@@ -36,11 +44,25 @@ class ConvexAdamSpec(MethodSpec):
     lambda_weight: float = setting(1.25, "Adam stage: diffusion regulariser weight", low=0.0, high=1e6)
     similarity: str = setting("ssd", "Adam stage: feature similarity", choices=("ssd", "lcc"))
     param_factor: int = setting(1, "Adam stage: parameters on a grid this many times coarser", low=1, high=8)
+    fine_iterations: int = setting(0, "final level: Adam iterations on cells of fine_grid_sp voxels, from the "
+                                      "Adam stage's field (0: off)", low=0, high=100000)
+    fine_grid_sp: int = setting(2, "final level: cell size, voxels (1: the image grid; MIND is then pooled "
+                                   "no coarser than 1)", low=1, high=32)
+    fine_lr: float = setting(1.0, "final level: learning rate, cells", low=0.0, low_open=True, high=1000.0)
+    fine_lambda: float = setting(1.25, "final level: diffusion regulariser weight", low=0.0, high=1e6)
+    fine_reencode: bool = setting(False, "final level: warp the moving image by the field so far, encode it again "
+                                         "and optimise an increment from zero (methods with one encoder)")
     final_smoothing: int = setting(0, "odd mean-filter size applied three times to the final field (0: off)",
                                    low=0, high=31)
 
     def cell_sizes(self) -> tuple[int, ...]:
-        return (self.grid_sp, self.grid_sp_adam)
+        fine = (self.fine_grid_sp,) if self.fine_iterations > 0 else ()
+        return (self.grid_sp, self.grid_sp_adam, *fine)
+
+    def fine_config(self) -> InstanceConfig:
+        """The final level's optimiser settings."""
+        return InstanceConfig(grid_sp=self.fine_grid_sp, iterations=self.fine_iterations, lr=self.fine_lr,
+                              lambda_weight=self.fine_lambda, similarity=self.similarity)
 
 
 @method("convexadam", ConvexAdamSpec, "coupled convex search + Adam instance optimisation on feature volumes")
@@ -53,7 +75,24 @@ def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = (
         stages.append(AdamStage(InstanceConfig(grid_sp=spec.grid_sp_adam, iterations=spec.iterations, lr=spec.lr,
                                                lambda_weight=spec.lambda_weight, similarity=spec.similarity,
                                                param_factor=spec.param_factor)))
+    if spec.fine_iterations > 0:
+        stages.append(ReencodedAdamStage(spec.fine_config(), moving_encoder(spec, encoders)) if spec.fine_reencode
+                      else AdamStage(spec.fine_config(), name="adam_fine"))
     if spec.final_smoothing > 1:
         stages.append(SmoothStage(spec.final_smoothing))
     return stages
 
+
+
+def moving_encoder(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec]) -> MovingEncoder:
+    """``(image, mask, pair) -> features`` of a moving image on the fixed grid by the method's one
+    encoder, pooled as the pair's own features (the same cell sizes)."""
+    if len(encoders) != 1:
+        raise DinoregError(f"fine_reencode needs a method with one encoder, not {len(encoders)}")
+    encoder, cells = encoders[0], spec.cell_sizes()
+
+    def encode(image: np.ndarray, mask: np.ndarray, pair: RegistrationPair) -> torch.Tensor:
+        request = EncodeRequest(image, image, mask, mask, pair.affine, pair.device, Progress(False), encoder,
+                                cell_sizes=cells)
+        return encoder_entry(encoder.name).encode_pair(request).fixed
+    return encode
