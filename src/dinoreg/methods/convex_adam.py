@@ -9,7 +9,7 @@ that field and encoded again) -> (``SmoothStage`` when ``final_smoothing`` > 0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Sequence
 
 import numpy as np
@@ -44,6 +44,10 @@ class ConvexAdamSpec(MethodSpec):
     lambda_weight: float = setting(1.25, "Adam stage: diffusion regulariser weight", low=0.0, high=1e6)
     similarity: str = setting("ssd", "Adam stage: feature similarity", choices=("ssd", "lcc"))
     param_factor: int = setting(1, "Adam stage: parameters on a grid this many times coarser", low=1, high=8)
+    grid_sp_adam_2d: int = setting(1, "Adam stage on a 2D pair (one slice): cell size, voxels (0: grid_sp_adam; "
+                                      "full resolution is cheap in 2D)", low=0, high=32)
+    lambda_scale_2d: float = setting(2.0, "Adam stage on a 2D pair: the regulariser weight is lambda_weight times "
+                                          "this (finer 2D cells and 16 MIND channels need more)", low=0.0, high=100.0)
     fine_iterations: int = setting(0, "final level: Adam iterations on cells of fine_grid_sp voxels, from the "
                                       "Adam stage's field (0: off)", low=0, high=100000)
     fine_grid_sp: int = setting(2, "final level: cell size, voxels (1: the image grid; MIND is then pooled "
@@ -72,9 +76,10 @@ def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = (
         ConvexStage(ConvexConfig(grid_sp=spec.grid_sp, disp_hw=spec.disp_hw, inverse_consistent=spec.ic),
                     reach_mm_2d=spec.reach_mm_2d)]
     if spec.iterations > 0:
-        stages.append(AdamStage(InstanceConfig(grid_sp=spec.grid_sp_adam, iterations=spec.iterations, lr=spec.lr,
-                                               lambda_weight=spec.lambda_weight, similarity=spec.similarity,
-                                               param_factor=spec.param_factor)))
+        config = InstanceConfig(grid_sp=spec.grid_sp_adam, iterations=spec.iterations, lr=spec.lr,
+                                lambda_weight=spec.lambda_weight, similarity=spec.similarity,
+                                param_factor=spec.param_factor)
+        stages.append(AdamStage(config, config_2d=_config_2d(config, spec)))
     if spec.fine_iterations > 0:
         stages.append(ReencodedAdamStage(spec.fine_config(), moving_encoder(spec, encoders)) if spec.fine_reencode
                       else AdamStage(spec.fine_config(), name="adam_fine"))
@@ -82,6 +87,12 @@ def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = (
         stages.append(SmoothStage(spec.final_smoothing))
     return stages
 
+
+def _config_2d(config: InstanceConfig, spec: ConvexAdamSpec) -> InstanceConfig:
+    """The Adam stage's settings on a 2D pair: ``grid_sp_adam_2d`` cells (when set) and the
+    regulariser weight scaled by ``lambda_scale_2d``."""
+    return replace(config, grid_sp=spec.grid_sp_adam_2d or spec.grid_sp_adam,
+                   lambda_weight=spec.lambda_weight * spec.lambda_scale_2d)
 
 
 def moving_encoder(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec]) -> MovingEncoder:

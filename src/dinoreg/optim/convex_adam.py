@@ -205,23 +205,26 @@ class ConvexStage:
 class AdamStage:
     """Adam instance optimisation of a dense field on cells of ``config.grid_sp`` voxels on
     ``pair.features``, starting from ``previous`` (or zero); ``name`` keys its timing and
-    progress (a second, finer level is another instance)."""
+    progress (a second, finer level is another instance); ``config_2d`` (when given) replaces
+    ``config`` on a 2D pair (one slice)."""
 
-    def __init__(self, config: InstanceConfig, name: str = "adam") -> None:
+    def __init__(self, config: InstanceConfig, name: str = "adam", config_2d: InstanceConfig | None = None) -> None:
         self.config = config
         self.name = name
+        self.config_2d = config_2d
 
     def run(self, pair: RegistrationPair, previous: torch.Tensor | None,
             progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
-        ga, shape = self.config.grid_sp, pair.shape
+        config = self.config_2d if self.config_2d is not None and 1 in pair.shape else self.config
+        ga, shape = config.grid_sp, pair.shape
         feat_fix, feat_mov = stage_features(pair, refine=True)
         with torch.no_grad():
             fix_a, mov_a = pair_on_cells(feat_fix, feat_mov, shape, ga, pair.init)
             if previous is None:
                 previous = torch.zeros(1, 3, *shape, device=feat_fix.device, dtype=torch.float32)
             start = field_to_cells(previous, shape, ga)
-        with progress.stage(self.name, total=self.config.iterations) as step:
-            refined = InstanceOptimiser(self.config).optimise(fix_a, mov_a, start, progress=lambda it: step(1))
+        with progress.stage(self.name, total=config.iterations) as step:
+            refined = InstanceOptimiser(config).optimise(fix_a, mov_a, start, progress=lambda it: step(1))
         return zero_flat(field_from_cells(refined, shape, ga), shape), {}
 
 
