@@ -1,7 +1,7 @@
 """The fast metric kernels give exactly what the straightforward versions give.
 
 ``make demo`` spends most of its time outside registration in the metrics and in writing the
-field; these kernels (block-wise, bincount, bit-shift codes, a numba NDV pass, ISA-L gzip) must
+field; these kernels (block-wise, bincount, bit-shift codes, numba NDV and distance-transform passes, ISA-L gzip) must
 not change a single value or byte of what is written. Each is compared with the reference it
 replaced, bit for bit, on random inputs built to hit the edge cases and on real label maps.
 """
@@ -17,6 +17,7 @@ import pytest
 from scipy import ndimage
 
 from dinoreg import metrics, ndv, surface_distance
+from dinoreg.edt import distance_to
 from dinoreg.io.images import save_image
 from dinoreg.jit import available as jit_available
 
@@ -134,3 +135,23 @@ def test_nifti_gz_holds_the_bytes_nibabel_writes(tmp_path: Path) -> None:
     back = nib.load(str(ours))
     np.testing.assert_array_equal(np.asarray(back.dataobj), field)
     np.testing.assert_array_equal(back.affine, affine)
+
+
+@pytest.mark.parametrize("shape,spacing,density", [
+    ((20, 30, 25), (1.0, 1.0, 1.0), 0.01), ((17, 19, 23), (1.0, 1.2, 0.8), 0.005), ((40, 9, 31), (0.5, 2.0, 1.5), 0.002),
+    ((50, 60), (1.0, 1.0), 0.01), ((31, 17), (0.7, 1.3), 0.02), ((12, 1, 9), (1.0, 1.0, 1.0), 0.05)])
+def test_distance_transform_equals_scipy(shape: tuple[int, ...], spacing: tuple[float, ...], density: float) -> None:
+    marks = np.random.default_rng(len(shape) * 7 + int(density * 1000)).random(shape) < density
+    marks.flat[0] = True
+    got, reference = distance_to(marks, spacing), ndimage.distance_transform_edt(~marks, sampling=spacing)
+    if all(s == 1.0 for s in spacing):  # integer squared distances: identical
+        np.testing.assert_array_equal(got, reference)
+    else:  # two marks equally near up to rounding may swap: one ulp
+        np.testing.assert_allclose(got, reference, rtol=4e-16, atol=0)
+        assert np.mean(got == reference) > 0.99
+
+
+def test_distance_transform_without_marks_is_infinite() -> None:
+    assert np.isinf(distance_to(np.zeros((4, 5, 6), bool), (1.0, 1.0, 1.0))).all()
+    with pytest.raises(ValueError, match="2D or 3D"):
+        distance_to(np.ones(5, bool), (1.0,))

@@ -25,8 +25,6 @@ fixed grid (the warped moving one) or on the grid ``disp`` indexes (the moving o
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -142,15 +140,8 @@ def hd95_per_label(fixed_seg: np.ndarray, warped_seg: np.ndarray, labels: Sequen
         box = boxes(lab)  # both masks lie inside: surface_distances crops to them anyway
         return robust_hausdorff(surface_distances(fixed[box] == lab, warped[box] == lab, sp), percent)
 
-    with ThreadPoolExecutor(max_workers=_workers(len(scored))) as pool:  # the distance transforms release the GIL
-        values = dict(zip(scored, pool.map(one, scored)))
+    values = {lab: one(lab) for lab in scored}  # one label at a time: the distance transform is parallel
     return {lab: values.get(lab, float("nan")) for lab in labs}
-
-
-def _workers(tasks: int) -> int:
-    """Threads for ``tasks`` independent label computations: at most the usable cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(tasks, cores))
 
 
 def _label_boxes(*segs: np.ndarray) -> Callable[[int], tuple[slice, ...]]:

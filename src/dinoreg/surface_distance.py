@@ -10,7 +10,7 @@ evaluator calls (``compute_surface_distances`` then ``compute_robust_hausdorff(.
 * Each surfel is weighted by its area (contour length in 2D) in mm^2, taken from a per-code
   table that depends on the spacing.
 * Distances are Euclidean distance transforms (``scipy.ndimage.distance_transform_edt`` with
-  ``sampling=spacing``) to the other mask's surfels, in mm (in voxels for unit spacing).
+  ``sampling=spacing``; computed by :func:`dinoreg.edt.distance_to`, the same values) to the other mask's surfels, in mm (in voxels for unit spacing).
 * The robust Hausdorff distance at ``percent`` is, in each direction, the first distance
   (sorted by distance, then area) whose cumulative normalised area reaches ``percent / 100``;
   the result is the larger of the two directions.
@@ -36,6 +36,8 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from dinoreg.edt import distance_to
 
 # corner n of a 2x2x2 neighbourhood sits at offset (a, b, c) with n = 4a + 2b + c and carries
 # bit 7 - n of the code (the DeepMind encoding); in 2D corner n = 2a + b carries bit 3 - n.
@@ -225,10 +227,7 @@ def surface_distances(mask_gt: np.ndarray, mask_pred: np.ndarray,
     codes_gt, codes_pred = _codes(gt, box), _codes(pred, box)
     border_gt = (codes_gt != 0) & (codes_gt != full)
     border_pred = (codes_pred != 0) & (codes_pred != full)
-    dist_to_gt = ndimage.distance_transform_edt(~border_gt, sampling=sp) if border_gt.any() \
-        else np.full(border_gt.shape, np.inf)
-    dist_to_pred = ndimage.distance_transform_edt(~border_pred, sampling=sp) if border_pred.any() \
-        else np.full(border_pred.shape, np.inf)
+    dist_to_gt, dist_to_pred = distance_to(border_gt, sp), distance_to(border_pred, sp)
     d_gt, a_gt = _sorted(dist_to_pred[border_gt], table[codes_gt[border_gt]])
     d_pred, a_pred = _sorted(dist_to_gt[border_pred], table[codes_pred[border_pred]])
     return {"distances_gt_to_pred": d_gt, "distances_pred_to_gt": d_pred,

@@ -11,8 +11,9 @@ import torch
 
 def warm_up() -> float:
     """Register a small synthetic pair with the ``mind`` preset and call the generic
-    SSD-gradient kernel and the NDV kernel; returns the seconds it took."""
+    SSD-gradient kernel and the metrics' NDV and distance-transform kernels; returns the seconds it took."""
     from dinoreg.api import register
+    from dinoreg.edt import distance_to
     from dinoreg.ndv import ndv_map
     from dinoreg.optim import cpu_kernels
 
@@ -25,6 +26,7 @@ def warm_up() -> float:
     features = np.ascontiguousarray(np.stack([fixed] * 5, axis=-1))
     cpu_kernels.ssd_gradient(features, features, torch.zeros(1, 3, *fixed.shape))
     ndv_map(np.zeros((4, 4, 4, 3), np.float32))  # the metrics' exact NDV kernel
+    distance_to(np.eye(4, dtype=bool)[None].repeat(3, 0), (1.0, 1.0, 1.0))  # HD95's distance transform
     return time.perf_counter() - start
 
 
