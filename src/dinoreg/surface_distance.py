@@ -35,7 +35,6 @@ from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from dinoreg.edt import distance_to
 
