@@ -16,6 +16,8 @@ the composite ``p -> A_fixed^-1 T A_fixed (p + u(p))`` (:func:`dinoreg.spatial.w
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -94,7 +96,7 @@ class AffineFit:
         shape = np.asarray(fixed.shape, dtype=np.float64)
         self.centre = torch.tensor((shape - 1) / 2, dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
 
-    def run(self, starts: tuple[np.ndarray, ...], iterations: int, step) -> np.ndarray:
+    def run(self, starts: tuple[np.ndarray, ...], iterations: int, step: Callable[[int], object]) -> np.ndarray:
         """The world affine fixed -> moving after the multi-start coarse level and the refinement."""
         trials = []
         for start in starts:
@@ -118,7 +120,8 @@ class AffineFit:
             return tuple(torch.nn.functional.avg_pool3d(mind_ssc(t, 1, 2, pool=1), pool, stride=pool, ceil_mode=True)
                          for t in (self.fix_t, mov_t))
 
-    def _optimise(self, start: np.ndarray, params: torch.Tensor, level: int, iterations: int, step) -> float:
+    def _optimise(self, start: np.ndarray, params: torch.Tensor, level: int, iterations: int,
+                  step: Callable[[int], object]) -> float:
         """Adam on ``params`` (in place) at one level; returns the last cost (mean SSD per cell)."""
         from dinoreg.optim.instance import Adam
 
