@@ -43,17 +43,22 @@ CROP = 2  # voxels removed on each side of the Jacobian determinant
 MAX_COUNTED_LABEL = 1 << 20  # label maps with values in [0, this) are counted with bincount
 
 
-def _counts(seg: np.ndarray) -> np.ndarray | None:
-    """Voxel count per label value (index = label) for non-negative integer maps with labels
-    below :data:`MAX_COUNTED_LABEL`; None for other maps (float, negative or huge labels)."""
+def _countable(seg: np.ndarray) -> bool:
+    """Whether a label map holds non-negative integers below :data:`MAX_COUNTED_LABEL` (booleans
+    included): the maps :func:`_counts` and :func:`_label_boxes` index by label."""
     a = np.asarray(seg)
     if a.dtype.kind not in "uib" or a.size == 0:
+        return False
+    return a.dtype.kind == "b" or (int(a.min()) >= 0 and int(a.max()) < MAX_COUNTED_LABEL)
+
+
+def _counts(seg: np.ndarray) -> np.ndarray | None:
+    """Voxel count per label value (index = label) of a :func:`_countable` map; None for other
+    maps (float, negative or huge labels)."""
+    if not _countable(seg):
         return None
-    low, high = int(a.min()), int(a.max())
-    if low < 0 or high >= MAX_COUNTED_LABEL:
-        return None
-    return np.bincount(a.ravel(), minlength=high + 1) if a.dtype.kind != "b" else \
-        np.bincount(a.ravel().view(np.uint8), minlength=2)
+    a = np.asarray(seg)
+    return np.bincount(a.ravel().view(np.uint8) if a.dtype.kind == "b" else a.ravel(), minlength=2)
 
 
 def _present(seg: np.ndarray) -> set[int]:
@@ -148,9 +153,10 @@ def _label_boxes(*segs: np.ndarray) -> Callable[[int], tuple[slice, ...]]:
     """``box(label)``: the bounding box of ``label`` in all of ``segs`` together (the whole grid
     for label maps :func:`ndimage.find_objects` cannot index: float, negative or huge labels)."""
     whole = tuple(slice(0, n) for n in segs[0].shape)
-    if any(_counts(s) is None for s in segs):
+    if not all(_countable(s) for s in segs):
         return lambda label: whole
-    found = [ndimage.find_objects(np.asarray(s).astype(np.intp, copy=False)) for s in segs]
+    found = [ndimage.find_objects(np.asarray(s).view(np.uint8) if np.asarray(s).dtype.kind == "b" else np.asarray(s))
+             for s in segs]
 
     def box(label: int) -> tuple[slice, ...]:
         parts = [f[label - 1] for f in found if 0 < label <= len(f) and f[label - 1] is not None]
