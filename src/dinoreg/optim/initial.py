@@ -74,11 +74,11 @@ class InitialStage:
         if self.mode == "moments":
             return moments
         fit = AffineFit(fixed, fixed_norm, moving, moving_norm, device)
-        with progress.stage("affine", total=(len(START_NAMES) + 1) * self.iterations) as step:
-            return fit.run((centred, moments), self.iterations, step)
+        starts = (centred, moments)  # both optimised at the coarse level, the better one refined
+        with progress.stage("affine", total=(len(starts) + len(LEVELS) - 1) * self.iterations) as step:
+            return fit.run(starts, self.iterations, step)
 
 
-START_NAMES = ("centre", "moments")  #: the starts of ``affine``, tried at the coarse level
 LEVELS = (4, 2)  #: pooling of the MIND features per level of ``affine``, voxels
 
 
@@ -98,37 +98,45 @@ class AffineFit:
 
     def run(self, starts: tuple[np.ndarray, ...], iterations: int, step: Callable[[int], object]) -> np.ndarray:
         """The world affine fixed -> moving after the multi-start coarse level and the refinement."""
+        fixed = self._pooled_mind(self.fix_t)  # encoded once for every start and level
         trials = []
         for start in starts:
+            moving = self._pooled_mind(self._moving_on_fixed(start))
             params = torch.zeros(12, dtype=torch.float32, device=self.device)
-            trials.append((self._optimise(start, params, LEVELS[0], iterations, step), start, params))
-        _, start, params = min(trials, key=lambda trial: trial[0])
+            cost = self._optimise(fixed[LEVELS[0]], moving[LEVELS[0]], params, LEVELS[0], iterations, step)
+            trials.append((cost, start, moving, params))
+        _, start, moving, params = min(trials, key=lambda trial: trial[0])
         for level in LEVELS[1:]:
-            self._optimise(start, params, level, iterations, step)
+            self._optimise(fixed[level], moving[level], params, level, iterations, step)
         return start @ self.fixed.affine @ self._voxel_affine(params) @ np.linalg.inv(self.fixed.affine)
 
-    def _features(self, start: np.ndarray, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled MIND-SSC ``(1, 12, cells)`` of the fixed image and of the moving one resampled
-        through ``start`` onto the fixed grid."""
-        from dinoreg.features.mind import mind_ssc
-
+    def _moving_on_fixed(self, start: np.ndarray) -> torch.Tensor:
+        """The moving intensities resampled through ``start`` onto the fixed grid, ``(1, 1, I, J, K)``."""
         to_moving = np.linalg.inv(self.moving.affine) @ start @ self.fixed.affine
         on_fixed = resample_through(self.moving_norm, to_moving, self.fixed.shape)
-        mov_t = torch.from_numpy(np.ascontiguousarray(on_fixed, dtype=np.float32)).to(self.device)[None, None]
-        pool = tuple(min(level, n) if n > 1 else 1 for n in self.fixed.shape)
-        with torch.no_grad():
-            return tuple(torch.nn.functional.avg_pool3d(mind_ssc(t, 1, 2, pool=1), pool, stride=pool, ceil_mode=True)
-                         for t in (self.fix_t, mov_t))
+        return torch.from_numpy(np.ascontiguousarray(on_fixed, dtype=np.float32)).to(self.device)[None, None]
 
-    def _optimise(self, start: np.ndarray, params: torch.Tensor, level: int, iterations: int,
+    def _pool(self, level: int) -> tuple[int, ...]:
+        """Cell size per axis of ``level`` (an axis of one voxel is not pooled)."""
+        return tuple(min(level, n) if n > 1 else 1 for n in self.fixed.shape)
+
+    def _pooled_mind(self, volume: torch.Tensor) -> dict[int, torch.Tensor]:
+        """MIND-SSC of ``(1, 1, I, J, K)`` average-pooled for every level: ``{level: (1, 12, cells)}``."""
+        from dinoreg.features.mind import mind_ssc
+
+        with torch.no_grad():
+            mind = mind_ssc(volume, 1, 2, pool=1)
+            return {level: torch.nn.functional.avg_pool3d(mind, self._pool(level), stride=self._pool(level),
+                                                          ceil_mode=True) for level in LEVELS}
+
+    def _optimise(self, ff: torch.Tensor, fm: torch.Tensor, params: torch.Tensor, level: int, iterations: int,
                   step: Callable[[int], object]) -> float:
-        """Adam on ``params`` (in place) at one level; returns the last cost (mean SSD per cell)."""
+        """Adam on ``params`` (in place) at one level, on the fixed and moving features pooled for
+        it; returns the last cost (mean SSD per cell)."""
         from dinoreg.optim.instance import Adam
 
-        ff, fm = self._features(start, level)
         cells = tuple(ff.shape[2:])
-        pool = tuple(min(level, n) if n > 1 else 1 for n in self.fixed.shape)
-        scale = torch.tensor(pool, dtype=torch.float32, device=self.device).view(1, 3, 1, 1, 1)
+        scale = torch.tensor(self._pool(level), dtype=torch.float32, device=self.device).view(1, 3, 1, 1, 1)
         offset = (scale - 1) / 2
         rel = ((identity_grid(cells, self.device) * scale + offset) - self.centre).reshape(3, -1)
         optimiser = Adam(params, lr=0.05)
