@@ -24,8 +24,3 @@ def gzip_compress(data: bytes | bytearray | memoryview, level: int = LEVEL) -> b
     if _igzip is not None:
         return _igzip.compress(data, level, mtime=0)
     return gzip.compress(data, level, mtime=0)
-
-
-def backend() -> str:
-    """``isal`` or ``zlib``: which library compresses."""
-    return "isal" if _igzip is not None else "zlib"
