@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 DATA = SHARED / "data"
 WEIGHTS = SHARED / "weights"
 BRAIN_FIXED = DATA / "learn2reg_tutorial2019_brain_t1" / "subject_1_vol.nii.gz"
@@ -50,3 +54,14 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None)
 
     nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), str(path))
     return path
+
+
+def load_script(relative: str) -> ModuleType:
+    """A script of the repository (``benchmarks/known_warp.py``, ``scripts/make_dev_dataset.py``)
+    imported from its path and registered under its stem (its dataclasses need the module)."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module

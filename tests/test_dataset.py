@@ -3,7 +3,6 @@ outputs, tables, resume after SIGKILL, and the same fields from every executor."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import SHARED, needs_data
+from conftest import SHARED, load_script, needs_data
 from dinoreg.cli import main
 from dinoreg.dataset import RECORDS, RunConfig, read_run_log, run_dataset
 
@@ -26,22 +25,15 @@ FAST = ["--set", "iterations=5", "--device", "cpu", "--threads", "1", "--quiet"]
 pytestmark = needs_data
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("make_dev_dataset", REPO / "scripts" / "make_dev_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def dev_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """All five DevReg pairs (2 brain pairs with labels, 3 BraTS-Reg pairs with keypoints), 1/3 size."""
-    return load_script().build(tmp_path_factory.mktemp("devreg"), SHARED, shrink=3)
+    return load_script("scripts/make_dev_dataset.py").build(tmp_path_factory.mktemp("devreg"), SHARED, shrink=3)
 
 
 @pytest.fixture(scope="module")
 def brain_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return load_script().build(tmp_path_factory.mktemp("devbrain"), SHARED, shrink=3, groups=("brain",))
+    return load_script("scripts/make_dev_dataset.py").build(tmp_path_factory.mktemp("devbrain"), SHARED, shrink=3, groups=("brain",))
 
 
 def test_dev_dataset_layout_and_keypoints(dev_dataset: Path) -> None:

@@ -3,16 +3,13 @@ the composite field and the one-interpolation warp."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import dinoreg
 from dinoreg.cli import main
 from dinoreg.errors import DinoregError
-from tests.conftest import DATA, needs_data
+from tests.conftest import DATA, load_script, needs_data
 
 pytestmark = needs_data
 ABDOMEN = DATA / "totalsegmentator_examples"
@@ -51,10 +48,7 @@ def test_affine_aligns_the_learn2reg_pair_kept_in_world_coordinates(tmp_path):
     """The 2 mm Learn2Reg-style pair, but the MR keeps its own world position (no overlap):
     ``affine`` must land within 0.02 Dice7 of the centred pair's 0.5696 (measured 0.5739; the
     ``moments`` start alone gives 0.391, so the multi-start decides this)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from abdomen_pair import build_abdomen_pair
-
-    paths = build_abdomen_pair(DATA.parent, tmp_path, keep_world=True)
+    paths = load_script("benchmarks/abdomen_pair.py").build_abdomen_pair(DATA.parent, tmp_path, keep_world=True)
     files = {k: str(v) for k, v in paths.items()}
     result = dinoreg.register(files["fixed"], files["moving"], fixed_labels=files["fixed_labels"],
                               moving_labels=files["moving_labels"], eval_labels=list(range(1, 8)), init="affine",

@@ -3,22 +3,14 @@ moving image built from them is the fixed one pulled back, and EPE scores the tr
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 def _known_warp():
-    spec = importlib.util.spec_from_file_location("known_warp", REPO / "benchmarks" / "known_warp.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["known_warp"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/known_warp.py")
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from dinoreg.edt import distance_to
 from dinoreg.io.images import save_image
 from dinoreg.jit import available as jit_available
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SEG = SHARED / "learn2reg_tutorial2019_brain_t1" / "subject_1_seg.nii.gz"
+from conftest import BRAIN_FIXED_SEG, needs_data
+
 
 
 def _map_coordinates_reference(seg: np.ndarray, disp: np.ndarray) -> np.ndarray:
@@ -108,9 +108,9 @@ def test_surface_codes_equal_the_correlation() -> None:
         np.testing.assert_array_equal(surface_distance._codes(mask, box), reference)
 
 
-@pytest.mark.skipif(not SEG.exists(), reason="shared data missing")
+@needs_data
 def test_hd95_on_label_boxes_equals_whole_volume_masks() -> None:
-    fixed = np.asarray(nib.load(str(SEG)).dataobj)[40:100, 60:130, 70:150]
+    fixed = np.asarray(nib.load(str(BRAIN_FIXED_SEG)).dataobj)[40:100, 60:130, 70:150]
     warped = np.roll(fixed, (2, -1, 3), axis=(0, 1, 2))
     labels = metrics._labels((fixed, warped))[:12]
     got = metrics.hd95_per_label(fixed, warped, labels, spacing=(1.0, 1.2, 0.8))

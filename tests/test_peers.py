@@ -3,24 +3,17 @@ back as that translation in the Learn2Reg convention (right sign, right axis) fo
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_script
+
 SHIFT = np.array([3.0, -2.0, 1.5])  # voxels along i, j, k: all different, one negative
 
 
 def _peers():
-    spec = importlib.util.spec_from_file_location("peers", REPO / "benchmarks" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["peers"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/peers.py")
 
 
 @pytest.fixture(scope="module")

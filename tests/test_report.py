@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -12,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED, needs_data
+from conftest import SHARED, load_script, needs_data
 from dinoreg.cli import main
 from dinoreg.dataset import RunConfig, run_dataset
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -43,9 +41,7 @@ def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished two-pair run without QC figures (the report draws them from the files)."""
     if not (SHARED / "data").is_dir():
         pytest.skip("../shared/data is not available")
-    spec = importlib.util.spec_from_file_location("make_dev_dataset", REPO / "scripts" / "make_dev_dataset.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/make_dev_dataset.py")
     dataset = script.build(tmp_path_factory.mktemp("ds"), SHARED, shrink=3, groups=("brain",))
     out = tmp_path_factory.mktemp("run")
     config = RunConfig(outdir=str(out), overrides={"iterations": 3}, device="cpu", qc=False)
