@@ -28,9 +28,43 @@ def voxel_to_grid_sample(coords: torch.Tensor, shape: tuple[int, ...]) -> torch.
     ``(N, *spatial, D)`` normalised, axis-reversed layout ``grid_sample`` expects
     (``align_corners=True``)."""
     ndim = coords.shape[1]
-    sizes = torch.tensor([max(int(s) - 1, 1) for s in shape], device=coords.device, dtype=coords.dtype)
-    norm = coords * (2.0 / sizes.view(1, ndim, *([1] * ndim))) - 1.0
-    return norm.flip(1).permute(0, *range(2, ndim + 2), 1)
+    scale = _grid_scale(shape, coords)
+    if _tracks_grad(coords):
+        norm = coords * scale.view(1, ndim, *([1] * ndim)) - 1.0
+        return norm.flip(1).permute(0, *range(2, ndim + 2), 1)
+    grid = coords.new_empty((coords.shape[0], *coords.shape[2:], ndim))
+    for axis in range(ndim):  # written straight into the flipped layout: one array, no copies
+        channel = grid[..., ndim - 1 - axis]
+        torch.mul(coords[:, axis], scale[axis], out=channel)
+        channel.sub_(1.0)
+    return grid
+
+
+def _grid_scale(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``2 / (n - 1)`` per axis of a source grid of ``shape`` (``(D,)``, ``like``'s dtype and device)."""
+    sizes = torch.tensor([max(int(s) - 1, 1) for s in shape], device=like.device, dtype=like.dtype)
+    return 2.0 / sizes
+
+
+def _tracks_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _displaced_grid(disp: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """:func:`voxel_to_grid_sample` of ``identity + disp`` (``disp``: ``(N, D, *spatial)``), built
+    channel by channel with the same float operations, without the identity and coordinate
+    arrays (five field-sized temporaries for a 3D warp)."""
+    ndim = disp.shape[1]
+    scale = _grid_scale(shape, disp)
+    grid = disp.new_empty((disp.shape[0], *disp.shape[2:], ndim))
+    for axis in range(ndim):
+        index_shape = [1] * ndim
+        index_shape[axis] = disp.shape[2 + axis]
+        index = torch.arange(disp.shape[2 + axis], device=disp.device, dtype=disp.dtype).view(index_shape)
+        channel = grid[..., ndim - 1 - axis]
+        torch.add(index, disp[:, axis], out=channel)
+        channel.mul_(scale[axis]).sub_(1.0)
+    return grid
 
 
 def sample(volume: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
@@ -40,8 +74,11 @@ def sample(volume: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
     ``mode`` is ``bilinear`` (trilinear in 3D) or ``nearest``. Returns ``(N, C, *out_shape)``.
     """
     src_shape = tuple(volume.shape[2:])
-    grid = voxel_to_grid_sample(coords.to(volume.dtype), src_shape)
-    if coords.shape[0] == 1 and volume.shape[0] > 1:
+    return _grid_sample(volume, voxel_to_grid_sample(coords.to(volume.dtype), src_shape), mode, padding_mode)
+
+
+def _grid_sample(volume: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    if grid.shape[0] == 1 and volume.shape[0] > 1:
         grid = grid.expand(volume.shape[0], *grid.shape[1:])
     return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
@@ -56,9 +93,10 @@ def warp(volume: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear",
             has the field's spatial shape.
         mode: ``bilinear`` for intensities/features, ``nearest`` for labels.
     """
-    out_shape = tuple(disp.shape[2:])
-    coords = identity_grid(out_shape, disp.device, disp.dtype) + disp
-    return sample(volume, coords, mode=mode, padding_mode=padding_mode)
+    if _tracks_grad(disp) or disp.dtype != volume.dtype:
+        coords = identity_grid(tuple(disp.shape[2:]), disp.device, disp.dtype) + disp
+        return sample(volume, coords, mode=mode, padding_mode=padding_mode)
+    return _grid_sample(volume, _displaced_grid(disp, tuple(volume.shape[2:])), mode, padding_mode)
 
 
 def resize_field(disp: torch.Tensor, shape: tuple[int, ...], align_corners: bool = False) -> torch.Tensor:
