@@ -155,3 +155,48 @@ def test_distance_transform_without_marks_is_infinite() -> None:
     assert np.isinf(distance_to(np.zeros((4, 5, 6), bool), (1.0, 1.0, 1.0))).all()
     with pytest.raises(ValueError, match="2D or 3D"):
         distance_to(np.ones(5, bool), (1.0,))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.int64, bool])
+def test_label_counts_equal_bincount(dtype: type) -> None:
+    rng = np.random.default_rng(10)
+    seg = rng.integers(0, 2 if dtype is bool else 300 if dtype != np.uint8 else 200, (17, 19, 23)).astype(dtype)
+    for view in (seg, np.asfortranarray(seg), seg[:, ::2, 3:]):  # C, Fortran and strided maps
+        flat = view.ravel().view(np.uint8) if dtype is bool else view.ravel()
+        expected = np.bincount(flat, minlength=2)
+        got = metrics.label_counts(view)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+    assert metrics.label_counts(seg.astype(np.float32)) is None  # floats are not counted
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 129, 10_007, 1_000_003])
+def test_std_in_place_equals_numpy_std_bit_for_bit(size: int) -> None:
+    values = np.random.default_rng(size).standard_normal(size) * 3.7 + 11.0
+    expected = float(values.std())
+    assert metrics.population_std_in_place(values.copy()) == expected
+
+
+def test_sdlogj_reusing_the_determinant_equals_the_evaluator_expression() -> None:
+    rng = np.random.default_rng(11)
+    detj = rng.standard_normal((14, 15, 16)) * 2.0  # negative values: the clip matters
+    mask = rng.random(detj.shape) > 0.3
+    for m in (None, np.pad(mask, 2)):  # the mask lies on the uncropped grid
+        cropped = detj if m is None else detj[metrics.crop_like_jacobian(m) > 0]
+        expected = float(np.log(np.clip(cropped + 3.0, 1e-9, 1e9)).std())
+        assert metrics._sdlogj_of(detj, m) == expected
+        assert metrics._sdlogj_of(detj.copy(), m, overwrite=True) == expected
+
+
+def test_surfel_area_table_equals_cross_and_norm() -> None:
+    def fan_area(points: np.ndarray, start: int) -> float:
+        p = np.roll(points, -start, axis=0)
+        return float(0.5 * np.linalg.norm(np.cross(p[1:-1] - p[0], p[2:] - p[0]), axis=1).sum())
+
+    for spacing in ((1.0, 1.0, 1.0), (0.7, 0.8, 2.5)):
+        mids = surface_distance._MIDPOINTS * np.asarray(spacing)
+        expected = np.zeros(256)
+        for code in range(1, 255):
+            expected[code] = sum(fan_area(mids[list(cycle)], start)
+                                 for cycle, start in surface_distance._triangulation(code))
+        np.testing.assert_array_equal(surface_distance.surfel_area_table_3d(spacing), expected)

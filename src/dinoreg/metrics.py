@@ -25,11 +25,13 @@ fixed grid (the warped moving one) or on the grid ``disp`` indexes (the moving o
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
+from dinoreg import jit
 from dinoreg.errors import DinoregError
 from dinoreg.ndv import ndv as _ndv
 from dinoreg.surface_distance import robust_hausdorff, surface_distances
@@ -45,25 +47,39 @@ MAX_COUNTED_LABEL = 1 << 20  # label maps with values in [0, this) are counted w
 
 def _countable(seg: np.ndarray) -> bool:
     """Whether a label map holds non-negative integers below :data:`MAX_COUNTED_LABEL` (booleans
-    included): the maps :func:`_counts` and :func:`_label_boxes` index by label."""
+    included): the maps :func:`label_counts` and :func:`_label_boxes` index by label."""
     a = np.asarray(seg)
     if a.dtype.kind not in "uib" or a.size == 0:
         return False
     return a.dtype.kind == "b" or (int(a.min()) >= 0 and int(a.max()) < MAX_COUNTED_LABEL)
 
 
-def _counts(seg: np.ndarray) -> np.ndarray | None:
-    """Voxel count per label value (index = label) of a :func:`_countable` map; None for other
-    maps (float, negative or huge labels)."""
+def label_counts(seg: np.ndarray) -> np.ndarray | None:
+    """Voxel count per label value (index = label, ``int64``, at least 2 entries) of a
+    :func:`_countable` map: ``np.bincount``'s result, counted in the map's own integer type (no
+    ``intp`` copy of it); None for other maps (float, negative or huge labels)."""
     if not _countable(seg):
         return None
     a = np.asarray(seg)
-    return np.bincount(a.ravel().view(np.uint8) if a.dtype.kind == "b" else a.ravel(), minlength=2)
+    flat = a.ravel(order="K")  # a view of C- or Fortran-ordered maps: the order does not change counts
+    flat = flat.view(np.uint8) if a.dtype.kind == "b" else flat
+    if not jit.available():  # pragma: no cover - exercised only where numba is missing
+        return np.bincount(flat, minlength=2)
+    out = np.zeros(max(int(flat.max()) + 1, 2), np.int64)
+    _count_into(flat, out)
+    return out
+
+
+@jit.exact_helper
+def _count_into(values: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled by numba
+    """``out[v] += 1`` for every ``v`` of the 1D non-negative integer array ``values``."""
+    for index in range(values.shape[0]):
+        out[values[index]] += 1
 
 
 def _present(seg: np.ndarray) -> set[int]:
     """The distinct values of a label map."""
-    counts = _counts(seg)
+    counts = label_counts(seg)
     if counts is not None:
         return {int(v) for v in np.flatnonzero(counts)}
     return {int(v) for v in np.unique(seg)}
@@ -94,12 +110,13 @@ def dice_per_label(fixed_seg: np.ndarray, warped_seg: np.ndarray, labels: Sequen
     reference = warped_seg if moving_seg is None else moving_seg
     labs = labels if labels is not None else _labels((fixed_seg, warped_seg, moving_seg))
     fixed, warped = np.asarray(fixed_seg), np.asarray(warped_seg)
-    counted = [_counts(a) for a in (fixed, warped, reference)]
+    counted = [label_counts(a) for a in (fixed, warped, reference)]
     if any(c is None for c in counted):
         return {int(lab): _dice_one(fixed == lab, warped == lab, (reference == lab).any()) for lab in labs}
     n_fixed, n_warped, n_reference = counted
     agree = fixed == warped
-    n_both = np.bincount(fixed[agree].ravel().astype(np.intp, copy=False), minlength=1)
+    agreeing = fixed[agree]
+    n_both = label_counts(agreeing) if agreeing.size else np.zeros(1, np.int64)
 
     def count(table: np.ndarray, lab: int) -> int:
         return int(table[lab]) if 0 <= lab < len(table) else 0
@@ -269,9 +286,28 @@ def _masked(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return values[cropped > 0]
 
 
-def _sdlogj_of(detj: np.ndarray, mask: np.ndarray | None) -> float:
-    values = _masked(np.log(np.clip(detj + LOG_JAC_OFFSET, 1e-9, 1e9)), mask)
-    return float(values.std()) if values.size else float("nan")
+def _sdlogj_of(detj: np.ndarray, mask: np.ndarray | None, overwrite: bool = False) -> float:
+    """SDlogJ of a cropped determinant map; with ``overwrite`` its memory is reused (and lost)."""
+    logj = detj if overwrite else np.empty_like(detj, dtype=np.float64)
+    np.add(detj, LOG_JAC_OFFSET, out=logj)  # the evaluator's expression, one operation at a time
+    np.clip(logj, 1e-9, 1e9, out=logj)
+    np.log(logj, out=logj)
+    values = logj.ravel() if mask is None else _masked(logj, mask)  # masked: a copy
+    return population_std_in_place(values) if values.size else float("nan")
+
+
+def population_std_in_place(values: np.ndarray) -> float:
+    """``float(values.std())`` of a 1D float64 array, bit for bit, overwriting ``values``.
+
+    numpy's ``std`` sums, divides by the count, subtracts the mean into a new array, squares
+    it in place, sums again, divides and takes the square root; this does the same operations in
+    the same order, only in ``values``' own memory (no second array of the same size)."""
+    count = values.shape[0]
+    mean = np.add.reduce(values, keepdims=True)
+    np.true_divide(mean, count, out=mean, casting="unsafe")
+    np.subtract(values, mean, out=values)
+    np.multiply(values, values, out=values)
+    return float(np.sqrt(np.add.reduce(values) / count))
 
 
 def _folding_of(detj: np.ndarray, mask: np.ndarray | None) -> float:
@@ -391,29 +427,46 @@ def evaluate_pair(disp: np.ndarray, fixed_seg: np.ndarray | None = None, moving_
     out: dict[str, Any] = {}
     if (fixed_seg is None) != (moving_seg is None):
         raise DinoregError("give both the fixed and the moving segmentation, or neither", "segmentation")
-    if fixed_seg is not None:
-        _check_same_shape(disp[..., 0], fixed_seg, "fixed segmentation")
-        warped = warp_segmentation(moving_seg, disp) if warped_seg is None else warped_seg
-        labs = list(labels) if labels is not None else _labels((fixed_seg, moving_seg))
-        dice = dice_per_label(fixed_seg, warped, labs, moving_seg=moving_seg)
-        hd_vox = hd95_per_label(fixed_seg, warped, labs, (1.0, 1.0, 1.0), moving_seg=moving_seg)
-        unit = all(float(v) == 1.0 for v in spacing)
-        hd_mm = hd_vox if unit else hd95_per_label(fixed_seg, warped, labs, spacing, moving_seg=moving_seg)
-        for key, values in (("dice", dice), ("hd95_vox", hd_vox), ("hd95_mm", hd_mm)):
-            out[key] = {str(k): v for k, v in values.items()}
-            out[f"{key}_mean"] = _nanmean(values.values())
     if (fixed_lms is None) != (moving_lms is None):
         raise DinoregError("give both the fixed and the moving landmarks, or neither", "landmarks")
-    if fixed_lms is not None:
-        errors = tre(fixed_lms, moving_lms, disp, spacing)
-        out["tre_mm"] = [float(e) for e in errors]
-        out["tre_mm_mean"] = float(errors.mean()) if errors.size else float("nan")
-    detj = jacobian_determinant(disp)
-    out["sdlogj"] = _sdlogj_of(detj, fixed_mask)
-    out["folding_fraction"] = _folding_of(detj, fixed_mask)
-    out["ndv_percent"] = _ndv(disp, fixed_mask)  # non-diffeomorphic volume, % (dinoreg.ndv)
-    out["jacobian_masked"] = fixed_mask is not None
-    return out
+    # the surface distances run on a second thread while this one computes the Jacobian metrics:
+    # both are partly serial numpy, and the numba kernels of each release the GIL
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinoreg-hd95") as pool:
+        overlap = None
+        if fixed_seg is not None:
+            _check_same_shape(disp[..., 0], fixed_seg, "fixed segmentation")
+            warped = warp_segmentation(moving_seg, disp) if warped_seg is None else warped_seg
+            labs = list(labels) if labels is not None else _labels((fixed_seg, moving_seg))
+            overlap = pool.submit(_surface_metrics, fixed_seg, warped, moving_seg, labs, spacing)
+            out["dice"] = dice_per_label(fixed_seg, warped, labs, moving_seg=moving_seg)
+        if fixed_lms is not None:
+            errors = tre(fixed_lms, moving_lms, disp, spacing)
+            out["tre_mm"] = [float(e) for e in errors]
+            out["tre_mm_mean"] = float(errors.mean()) if errors.size else float("nan")
+        detj = jacobian_determinant(disp)
+        folding = _folding_of(detj, fixed_mask)
+        jacobian = {"sdlogj": _sdlogj_of(detj, fixed_mask, overwrite=True), "folding_fraction": folding}
+        del detj
+        jacobian["ndv_percent"] = _ndv(disp, fixed_mask)  # non-diffeomorphic volume, % (dinoreg.ndv)
+        if overlap is not None:
+            out.update(overlap.result())
+    for key in ("dice", "hd95_vox", "hd95_mm"):
+        if key in out:
+            values = out[key]
+            out[key] = {str(k): v for k, v in values.items()}
+            out[f"{key}_mean"] = _nanmean(values.values())
+    ordered = {k: out[k] for k in ("dice", "dice_mean", "hd95_vox", "hd95_vox_mean", "hd95_mm", "hd95_mm_mean",
+                                   "tre_mm", "tre_mm_mean") if k in out}
+    return {**ordered, **jacobian, "jacobian_masked": fixed_mask is not None}
+
+
+def _surface_metrics(fixed_seg: np.ndarray, warped: np.ndarray, moving_seg: np.ndarray, labs: Sequence[int],
+                     spacing: Sequence[float]) -> dict[str, dict[int, float]]:
+    """``hd95_vox`` (unit spacing, Learn2Reg's) and ``hd95_mm`` per label."""
+    hd_vox = hd95_per_label(fixed_seg, warped, labs, (1.0, 1.0, 1.0), moving_seg=moving_seg)
+    unit = all(float(v) == 1.0 for v in spacing)
+    hd_mm = hd_vox if unit else hd95_per_label(fixed_seg, warped, labs, spacing, moving_seg=moving_seg)
+    return {"hd95_vox": hd_vox, "hd95_mm": hd_mm}
 
 
 # --------------------------------------------------------------------------- many pairs

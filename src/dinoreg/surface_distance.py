@@ -119,9 +119,15 @@ def _polygons(code: int) -> list[list[int]]:
 
 
 def _fan_area(points: np.ndarray, start: int) -> float:
-    """Area of the triangle fan of a closed polygon from vertex ``start``."""
-    p = np.roll(points, -start, axis=0)
-    return float(0.5 * np.linalg.norm(np.cross(p[1:-1] - p[0], p[2:] - p[0]), axis=1).sum())
+    """Area of the triangle fan of a closed polygon ``(n, 3)`` from vertex ``start``: half the sum
+    of the norms of the cross products of the fan's edge vectors (written out: ``np.cross`` and
+    ``np.linalg.norm`` do the same roundings with ten times the overhead on 3-vectors)."""
+    p = np.concatenate((points[start:], points[:start]))
+    a, b = p[1:-1] - p[0], p[2:] - p[0]
+    cross = np.stack([a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1],
+                      a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
+                      a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]], axis=1)
+    return float(0.5 * np.sqrt(np.add.reduce(cross * cross, axis=1)).sum())
 
 
 @lru_cache(maxsize=None)
