@@ -141,3 +141,35 @@ def test_unknown_preset_and_encoder(capsys, pair):
                   message="unknown preset")
     _expect_error(capsys, out, "register", pair["fixed"], pair["moving"], "-o", out, "--features", "bogus", *FAST,
                   message="unknown encoder")
+
+
+def test_metrics_computed_while_saving_equal_evaluate(pair):
+    # the CLI defers the metrics to save(), which computes them while another thread writes the
+    # volumes: the scores must be exactly those of `evaluate` on the written field
+    from dinoreg.api import evaluate, register
+
+    result = register(pair["fixed"], pair["moving"], fixed_labels=pair["fixed_seg"], moving_labels=pair["moving_seg"],
+                      iterations=5, progress=False, defer_metrics=True)
+    assert result.metrics is None and result.pending_metrics is not None
+    out = pair["tmp"] / "deferred"
+    written = result.save(out)
+    saved = json.loads(written["metrics"].read_text())
+    again = evaluate(written["disp"], pair["fixed_seg"], pair["moving_seg"])
+    for key in ("dice", "dice_mean", "hd95_vox", "hd95_mm_mean", "sdlogj", "folding_fraction", "ndv_percent"):
+        assert saved[key] == again[key], key
+    assert result.pending_metrics is None and saved["timings"]["metrics"] > 0
+    assert saved["timings"]["total"] >= saved["timings"]["metrics"]
+
+
+def test_console_script_flushes_and_keeps_the_exit_status(tmp_path):
+    # `python -m dinoreg` ends with os._exit after flushing: output and status must survive it
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "dinoreg", "presets"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "mind" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "dinoreg", "register", str(tmp_path / "nope.nii.gz"),
+                          str(tmp_path / "nope2.nii.gz"), "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("dinoreg: error:"), bad.stderr

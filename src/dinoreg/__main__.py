@@ -1,7 +1,5 @@
 """``python -m dinoreg`` is the ``dinoreg`` command."""
 
-import sys
+from dinoreg.cli import run
 
-from dinoreg.cli import main
-
-sys.exit(main())
+run()

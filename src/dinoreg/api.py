@@ -10,9 +10,10 @@ resampled onto the fixed grid through the two affines; ``disp`` indexes that res
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,7 +60,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind", 
              fixed_labels: ImageLike | None = None, moving_labels: ImageLike | None = None,
              fixed_landmarks: str | os.PathLike | None = None, moving_landmarks: str | os.PathLike | None = None,
              landmarks_space: str = "voxel", eval_labels: Sequence[int] | None = None,
-             device: str | torch.device = "auto", progress: bool = True, **overrides: Any) -> Result:
+             device: str | torch.device = "auto", progress: bool = True, defer_metrics: bool = False,
+             **overrides: Any) -> Result:
     """Register ``moving`` onto ``fixed``.
 
     Args:
@@ -78,6 +80,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind", 
         landmarks_space: ``voxel`` (i, j, k rows), ``ras`` or ``lps`` (world mm).
         device: ``auto``, ``cpu`` or ``cuda``.
         progress: show progress bars on stderr.
+        defer_metrics: leave the metrics to :meth:`Result.evaluate` (which :meth:`Result.save`
+            calls while it writes the volumes, on another thread) instead of computing them here.
 
     Returns:
         a :class:`Result` (``settings`` holds the resolved spec).
@@ -111,8 +115,11 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind", 
     settings = {"preset": preset_name if spec is None else None, **resolved.to_dict()}
     result = Result(disp=disp, fixed=prepared.fixed, warped=warped, timings=timings, settings=settings,
                     moving_path=prepared.moving_original.path, moving=prepared.moving.array)
-    _attach_labels_and_metrics(result, prepared.moving_original, scoring, eval_labels, prepared.pair.user_fixed_mask)
+    _attach_labels(result, prepared.moving_original, scoring)
     timings["total"] = time.perf_counter() - t0
+    result.pending_metrics = _metrics_of(result, scoring, eval_labels, prepared.pair.user_fixed_mask)
+    if not defer_metrics:
+        result.evaluate()
     return result
 
 
@@ -159,20 +166,28 @@ def _load_scoring_inputs(fix_img: Image, mov_orig: Image, fixed_labels: ImageLik
     return fseg, mseg, flms, mlms
 
 
-def _attach_labels_and_metrics(result: Result, mov_orig: Image, scoring: tuple[np.ndarray | None, ...],
-                               eval_labels: Sequence[int] | None, fixed_mask: np.ndarray | None) -> None:
-    fix_img = result.fixed
+def _attach_labels(result: Result, mov_orig: Image, scoring: tuple[np.ndarray | None, ...]) -> None:
+    """Warp the moving labels (when given) once: the saved warped labels are the ones scored."""
+    mseg = scoring[1]
+    if mseg is None:
+        return
+    if mov_orig.same_grid(result.fixed):
+        result.warped_labels = l2r_metrics.warp_segmentation(mseg, result.disp)
+    else:  # one nearest-neighbour lookup from the labels' own grid through world space
+        result.warped_labels = warp_original(mseg, mov_orig.affine, result.disp, result.fixed.affine, order=0)
+
+
+def _metrics_of(result: Result, scoring: tuple[np.ndarray | None, ...], eval_labels: Sequence[int] | None,
+                fixed_mask: np.ndarray | None) -> Callable[[], dict[str, Any]] | None:
+    """The computation of ``result``'s Learn2Reg metrics, or ``None`` without labels or landmarks."""
     fseg, mseg, flms, mlms = scoring
-    if mseg is not None:  # warped once: the saved warped labels are the ones scored
-        if mov_orig.same_grid(fix_img):
-            result.warped_labels = l2r_metrics.warp_segmentation(mseg, result.disp)
-        else:  # one nearest-neighbour lookup from the labels' own grid through world space
-            result.warped_labels = warp_original(mseg, mov_orig.affine, result.disp, fix_img.affine, order=0)
-    if (fseg is not None and mseg is not None) or flms is not None:
-        result.metrics = l2r_metrics.evaluate_pair(
-            result.disp, fixed_seg=fseg if mseg is not None else None, moving_seg=mseg if fseg is not None else None,
-            labels=None if eval_labels is None else list(eval_labels), fixed_lms=flms, moving_lms=mlms,
-            spacing=tuple(float(s) for s in fix_img.spacing), fixed_mask=fixed_mask, warped_seg=result.warped_labels)
+    if not ((fseg is not None and mseg is not None) or flms is not None):
+        return None
+    return functools.partial(
+        l2r_metrics.evaluate_pair, result.disp, fixed_seg=fseg if mseg is not None else None,
+        moving_seg=mseg if fseg is not None else None, labels=None if eval_labels is None else list(eval_labels),
+        fixed_lms=flms, moving_lms=mlms, spacing=tuple(float(s) for s in result.fixed.spacing),
+        fixed_mask=fixed_mask, warped_seg=result.warped_labels)
 
 
 def warp(image: ImageLike, disp: Any, fixed: ImageLike | None = None, labels: bool = False) -> Image:

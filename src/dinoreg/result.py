@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -32,6 +34,8 @@ class Result:
         settings: the fully resolved registration spec (``RegistrationSpec.to_dict()``) and the preset.
         moving_path: the moving image's file, for output names.
         moving: the moving image on the fixed grid, before registration (for the QC picture).
+        pending_metrics: the metrics' computation when ``register(defer_metrics=True)`` left it
+            to :meth:`evaluate` (``None`` once done, or with nothing to score).
     """
 
     disp: np.ndarray
@@ -43,6 +47,20 @@ class Result:
     settings: dict[str, Any] = field(default_factory=dict)
     moving_path: str | None = None
     moving: np.ndarray | None = None
+    pending_metrics: Callable[[], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+
+    def evaluate(self) -> dict[str, Any] | None:
+        """Compute the pending metrics (if any) into :attr:`metrics`, timed as ``timings["metrics"]``
+        (and added to ``timings["total"]``), and return them."""
+        if self.pending_metrics is not None:
+            start = time.perf_counter()
+            self.metrics = self.pending_metrics()
+            self.pending_metrics = None
+            seconds = time.perf_counter() - start
+            self.timings["metrics"] = seconds
+            if "total" in self.timings:
+                self.timings["total"] += seconds
+        return self.metrics
 
     def save(self, outdir: str | os.PathLike, name: str | None = None, qc: bool = False) -> dict[str, Path]:
         """Write the field, the warped image (and labels), ``metrics.json`` (metrics, the resolved
@@ -50,23 +68,28 @@ class Result:
         ``outdir`` (created when missing).
 
         Everything is written into a temporary folder inside ``outdir`` first and moved into
-        place only when every file is complete. Returns the written paths by kind.
+        place only when every file is complete. Pending metrics (:meth:`evaluate`) are computed
+        on this thread while another one writes the volumes. Returns the written paths by kind.
         """
         field_name = check_field_name(name) or disp_name(self.fixed.path or "fixed.nii.gz",
                                                          self.moving_path or "moving.nii.gz")
         out = prepare_outdir(outdir)
         stem = field_name[len("disp_"):] if field_name.startswith("disp_") else field_name
         arrays: dict[str, tuple[str, np.ndarray]] = {
-            "disp": (field_name, self.disp.astype(np.float32)),
-            "warped": ("warped_" + stem, self.warped.astype(np.float32)),
+            "disp": (field_name, self.disp.astype(np.float32, copy=False)),
+            "warped": ("warped_" + stem, self.warped.astype(np.float32, copy=False)),
         }
         if self.warped_labels is not None:
-            arrays["warped_labels"] = ("warped_labels_" + stem, self.warped_labels.astype(np.int16))
+            arrays["warped_labels"] = ("warped_labels_" + stem, self.warped_labels.astype(np.int16, copy=False))
         files = {kind: fname for kind, (fname, _) in arrays.items()}
         tmpdir = atomic_dir(out)
         try:
-            for fname, array in arrays.values():
-                save_image(array, self.fixed.affine, tmpdir / fname)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinoreg-save") as pool:
+                volumes = [pool.submit(save_image, array, self.fixed.affine, tmpdir / fname)
+                           for fname, array in arrays.values()]
+                self.evaluate()
+                for written_volume in volumes:
+                    written_volume.result()
             record = {**l2r_metrics.to_jsonable(self.metrics or {}), "settings": self.settings,
                       "timings": {k: round(v, 3) for k, v in self.timings.items()}}
             (tmpdir / "metrics.json").write_text(json.dumps(record, indent=2))

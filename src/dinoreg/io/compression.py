@@ -10,6 +10,8 @@ pair's field: 76.0 MB vs 76.2 MB).
 from __future__ import annotations
 
 import gzip
+import os
+from typing import BinaryIO
 
 try:
     from isal import igzip as _igzip
@@ -19,8 +21,9 @@ except ImportError:  # pragma: no cover - exercised only where isal is missing
 LEVEL = 1  # nibabel's default level for .nii.gz
 
 
-def gzip_compress(data: bytes | bytearray | memoryview, level: int = LEVEL) -> bytes:
-    """``data`` as one gzip member (modification time 0, so equal inputs give equal files)."""
+def gzip_writer(path: str | os.PathLike, level: int = LEVEL) -> BinaryIO:
+    """A binary file object that writes one gzip member to ``path`` as it is fed (modification
+    time 0, so equal inputs give equal files); close it (``with``) to finish the file."""
     if _igzip is not None:
-        return _igzip.compress(data, level, mtime=0)
-    return gzip.compress(data, level, mtime=0)
+        return _igzip.IGzipFile(os.fspath(path), "wb", compresslevel=level, mtime=0)
+    return gzip.GzipFile(os.fspath(path), "wb", compresslevel=level, mtime=0)

@@ -21,7 +21,7 @@ import numpy as np
 
 from dinoreg.errors import DinoregError
 from dinoreg.io.atomic import atomic_path, check_output_file
-from dinoreg.io.compression import gzip_compress
+from dinoreg.io.compression import gzip_writer
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -247,7 +247,7 @@ def save_image(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -
     """Write ``array`` with ``affine`` to ``path`` atomically (temporary name, then rename).
 
     NIfTI (``.nii.gz``, ``.nii``) is written with nibabel (``.nii.gz`` compressed by
-    :func:`dinoreg.io.compression.gzip_compress`: standard gzip, level 1); ``.mha``/``.nrrd`` with SimpleITK
+    :func:`dinoreg.io.compression.gzip_writer`: standard gzip, level 1, streamed); ``.mha``/``.nrrd`` with SimpleITK
     (converted to LPS); other suffixes, a missing or read-only folder raise :class:`DinoregError`.
     A displacement field ``(I, J, K, 3)`` is written as a 4D NIfTI, as Learn2Reg expects.
     """
@@ -267,7 +267,8 @@ def save_image(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -
             img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
             img.header.set_xyzt_units("mm")
             if _has_suffix(p, (".nii.gz",)):
-                tmp.write_bytes(gzip_compress(img.to_bytes()))  # the bytes nib.save writes, compressed faster
+                with gzip_writer(tmp) as stream:  # the bytes nib.save writes, compressed faster, no copy in memory
+                    img.to_stream(stream)
             else:
                 nib.save(img, str(tmp))
         os.replace(tmp, p)
