@@ -127,3 +127,45 @@ def test_fine_reencode_needs_one_encoder():
         convex_adam_stages(ConvexAdamSpec(fine_iterations=5, fine_reencode=True), (MindSpec(), MindSpec()))
     assert [s.name for s in convex_adam_stages(ConvexAdamSpec(fine_iterations=5, fine_reencode=True),
                                                (MindSpec(),))] == ["convex", "adam", "adam_reencoded"]
+
+
+def test_reencoding_a_joint_encoder_encodes_the_fixed_image_with_the_new_moving_one(monkeypatch):
+    """A joint encoder (a PCA fitted on both images) must see the fixed image and the warped
+    moving image together, and both sides of the final level come from that one encoding; a
+    per-image encoder (MIND) encodes the warped moving image alone."""
+    from dataclasses import dataclass
+
+    from dinoreg.features import registry
+    from dinoreg.features.base import EncoderSpec, PairFeatures
+    from dinoreg.features.mind import MindSpec
+    from dinoreg.methods.convex_adam import ConvexAdamSpec, moving_encoder
+    from dinoreg.pair import RegistrationPair
+
+    @dataclass(frozen=True)
+    class JointSpec(EncoderSpec):
+        name = "joint_probe"
+
+    seen = []
+
+    def joint(req):  # features centred on the mean of *both* images: a basis fitted on the pair
+        seen.append((req.fixed, req.moving))
+        centre = 0.5 * (req.fixed.mean() + req.moving.mean())
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a - centre, np.float32))[None, None]  # noqa: E731
+        return PairFeatures(as_t(req.fixed), as_t(req.moving))
+
+    registry.discover()
+    monkeypatch.setitem(registry._ENTRIES, "joint_probe",
+                        registry.EncoderEntry("joint_probe", JointSpec, "test", joint))
+    rng = np.random.default_rng(0)
+    fixed, moving = (rng.random((12, 13, 14)).astype(np.float32) for _ in range(2))
+    mask = np.ones(fixed.shape, bool)
+    pair = RegistrationPair(fixed, moving, mask, mask, None, np.eye(4), (1.0, 1.0, 1.0), torch.device("cpu"))
+    warped = moving + 0.5
+    feat_fix, feat_mov = moving_encoder(ConvexAdamSpec(), (JointSpec(),))(warped, mask, pair)
+    assert seen[-1][0] is fixed and seen[-1][1] is warped
+    centre = 0.5 * (fixed.mean() + warped.mean())
+    np.testing.assert_allclose(feat_fix[0, 0].numpy(), fixed - centre, rtol=1e-6)
+    np.testing.assert_allclose(feat_mov[0, 0].numpy(), warped - centre, rtol=1e-6)
+    assert registry.encoder_entry("mind").per_image
+    none, alone = moving_encoder(ConvexAdamSpec(), (MindSpec(),))(warped, mask, pair)
+    assert none is None and alone.shape[1] == 12

@@ -374,7 +374,8 @@ def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)[None, None]
 
 
-@volume_encoder("mind", MindSpec, "MIND-SSC, 12 hand-crafted self-similarity channels (Heinrich et al.)")
+@volume_encoder("mind", MindSpec, "MIND-SSC, 12 hand-crafted self-similarity channels (Heinrich et al.)",
+                per_image=True)
 def mind_pair(req: EncodeRequest) -> PairFeatures:
     """MIND-SSC of both images on the image grid (pooled over ``mind_pool`` cells when the
     method's cells allow it, exactly what its cell grids would average anyway). A 2D image (one

@@ -41,6 +41,9 @@ class EncoderEntry:
         description: one line for help texts and ``dinoreg presets``.
         encode_pair: normalised pair -> feature volumes (for ConvexAdam and ``dinoreg encode``).
         load_2d: for slice encoders, ``(spec, device) -> Encoder2D`` (FFD, capture range).
+        per_image: each image's features depend on that image alone (MIND-SSC); False where the
+            pair is encoded jointly (a PCA fitted on both, a slice match), so that features of a
+            new moving image only match fixed features encoded together with it.
     """
 
     name: str
@@ -48,6 +51,7 @@ class EncoderEntry:
     description: str
     encode_pair: PairEncoder
     load_2d: Loader2D | None = None
+    per_image: bool = False
 
     @property
     def kind(self) -> str:
@@ -64,11 +68,13 @@ def _add(entry: EncoderEntry) -> None:
     _ENTRIES[entry.name] = entry
 
 
-def volume_encoder(name: str, spec: type[EncoderSpec], description: str) -> Callable[[PairEncoder], PairEncoder]:
-    """Register ``fn(request) -> PairFeatures`` as the encoder ``name`` with settings ``spec``."""
+def volume_encoder(name: str, spec: type[EncoderSpec], description: str,
+                   per_image: bool = False) -> Callable[[PairEncoder], PairEncoder]:
+    """Register ``fn(request) -> PairFeatures`` as the encoder ``name`` with settings ``spec``
+    (``per_image``: see :class:`EncoderEntry`)."""
 
     def wrap(fn: PairEncoder) -> PairEncoder:
-        _add(EncoderEntry(name, spec, description, fn))
+        _add(EncoderEntry(name, spec, description, fn, per_image=per_image))
         return fn
 
     return wrap

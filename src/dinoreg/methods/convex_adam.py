@@ -96,14 +96,24 @@ def _config_2d(config: InstanceConfig, spec: ConvexAdamSpec) -> InstanceConfig:
 
 
 def moving_encoder(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec]) -> MovingEncoder:
-    """``(image, mask, pair) -> features`` of a moving image on the fixed grid by the method's one
-    encoder, pooled as the pair's own features (the same cell sizes)."""
+    """``(image, mask, pair) -> (fixed features or None, moving features)`` of a new moving image
+    on the fixed grid by the method's one encoder, pooled as the pair's own features (the same
+    cell sizes). A per-image encoder (MIND) encodes the new image alone (``None``: the pair's
+    fixed features still hold); a joint one (a PCA fitted on both images) encodes the fixed image
+    again together with it, so that both sides share one basis."""
     if len(encoders) != 1:
         raise DinoregError(f"fine_reencode needs a method with one encoder, not {len(encoders)}")
     encoder, cells = encoders[0], spec.cell_sizes()
+    entry = encoder_entry(encoder.name)
 
-    def encode(image: np.ndarray, mask: np.ndarray, pair: RegistrationPair) -> torch.Tensor:
-        request = EncodeRequest(image, image, mask, mask, pair.affine, pair.device, Progress(False), encoder,
-                                cell_sizes=cells)
-        return encoder_entry(encoder.name).encode_pair(request).fixed
+    def encode(image: np.ndarray, mask: np.ndarray,
+               pair: RegistrationPair) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if entry.per_image:
+            request = EncodeRequest(image, image, mask, mask, pair.affine, pair.device, Progress(False), encoder,
+                                    cell_sizes=cells)
+            return None, entry.encode_pair(request).fixed
+        request = EncodeRequest(pair.fixed, image, pair.fixed_mask, mask, pair.affine, pair.device, Progress(False),
+                                encoder, cell_sizes=cells)
+        both = entry.encode_pair(request)
+        return both.fixed, both.moving
     return encode

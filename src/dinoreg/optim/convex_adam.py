@@ -228,9 +228,11 @@ class AdamStage:
         return zero_flat(field_from_cells(refined, shape, ga), shape), {}
 
 
-MovingEncoder = Callable[[np.ndarray, np.ndarray, RegistrationPair], torch.Tensor]
-"""``(image, mask, pair) -> (1, C, I', J', K')`` features of an ``(I, J, K)`` image (and boolean
-mask) on the fixed grid of ``pair``, made as the pair's moving features were."""
+MovingEncoder = Callable[[np.ndarray, np.ndarray, RegistrationPair], tuple[torch.Tensor | None, torch.Tensor]]
+"""``(image, mask, pair) -> (fixed, moving)`` features ``(1, C, I', J', K')`` of an ``(I, J, K)``
+image (and boolean mask) on the fixed grid of ``pair``, made as the pair's moving features were;
+``fixed`` is the fixed image encoded again with it (joint encoders) or None (the pair's own
+fixed features still match: per-image encoders)."""
 
 
 def warp_moving(pair: RegistrationPair, field: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +274,10 @@ class ReencodedAdamStage:
             previous = torch.zeros(1, 3, *shape, device=feat_fix.device, dtype=torch.float32)
         start_time = time.perf_counter()
         with torch.no_grad():
-            feat_mov = self.encode(*warp_moving(pair, previous), pair).float()
+            feat_fix_again, feat_mov = self.encode(*warp_moving(pair, previous), pair)
+            if feat_fix_again is not None:  # a joint encoder: the fixed side in the new basis
+                feat_fix = feat_fix_again.float()
+            feat_mov = feat_mov.float()
             fix_a, mov_a = pair_on_cells(feat_fix, feat_mov, shape, ga, None)
             start = torch.zeros(1, 3, *fix_a.shape[2:], device=fix_a.device, dtype=fix_a.dtype)
         encode_s = time.perf_counter() - start_time
