@@ -87,8 +87,9 @@ class PreprocessSpec(Spec):
 
 
 def looks_like_ct(array: np.ndarray) -> bool:
-    """Heuristic: Hounsfield units have a large negative background (air at about -1000)."""
-    return float(np.percentile(array, 1)) < -500.0
+    """Heuristic: Hounsfield units have a large negative background (air at about -1000): the
+    1st percentile is below -500 (never when the minimum is not, which spares MR the sort)."""
+    return float(array.min()) < -500.0 and float(np.percentile(array, 1)) < -500.0
 
 
 def check_not_constant(array: np.ndarray, name: str) -> None:
