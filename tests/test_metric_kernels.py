@@ -200,3 +200,29 @@ def test_surfel_area_table_equals_cross_and_norm() -> None:
             expected[code] = sum(fan_area(mids[list(cycle)], start)
                                  for cycle, start in surface_distance._triangulation(code))
         np.testing.assert_array_equal(surface_distance.surfel_area_table_3d(spacing), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.int64, bool])
+def test_label_boxes_equal_find_objects(dtype: type) -> None:
+    rng = np.random.default_rng(12)
+    for shape in ((20, 21, 22), (30, 17), (5, 6, 1)):
+        seg = np.zeros(shape, dtype)
+        seg.flat[rng.integers(0, seg.size, 60)] = rng.integers(1, 2 if dtype is bool else 9, 60).astype(dtype)
+        for view in (seg, np.asfortranarray(seg), seg[::2]):  # C, Fortran and strided maps
+            expected = ndimage.find_objects(view.view(np.uint8) if dtype is bool else view)
+            assert metrics.label_boxes(view) == expected, (shape, view.flags.f_contiguous)
+
+
+def test_a_3d_register_does_not_import_scipy_ndimage() -> None:
+    # importing scipy.ndimage costs 0.3 s of every command; the 3D path needs none of it
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, dinoreg\n"
+            "f = np.random.default_rng(0).random((20, 22, 24)).astype(np.float32)\n"
+            "s = (f > 0.5).astype(np.int16)\n"
+            "dinoreg.register(f, np.roll(f, 1, 0), fixed_labels=s, moving_labels=np.roll(s, 1, 0), iterations=2,\n"
+            "                 progress=False)\n"
+            "print('scipy.ndimage' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from dinoreg import jit
 from dinoreg.errors import DinoregError
@@ -166,14 +165,60 @@ def hd95_per_label(fixed_seg: np.ndarray, warped_seg: np.ndarray, labels: Sequen
     return {lab: values.get(lab, float("nan")) for lab in labs}
 
 
+def label_boxes(seg: np.ndarray) -> list[tuple[slice, ...] | None]:
+    """``scipy.ndimage.find_objects`` of a :func:`_countable` label map (1 to 3 dimensions): for
+    each label ``1 .. max`` its bounding box as slices, or None when absent. One numba pass in
+    the map's own type and memory order (scipy's without numba)."""
+    a = np.asarray(seg)
+    a = a.view(np.uint8) if a.dtype.kind == "b" else a
+    if not jit.available() or a.ndim > 3 or a.size == 0:  # pragma: no cover - numba missing
+        from scipy import ndimage
+
+        return ndimage.find_objects(a)
+    fortran = not a.flags.c_contiguous and a.flags.f_contiguous
+    view = a.T if fortran else a  # walk the memory in order; the axes are swapped back below
+    view3 = view.reshape(view.shape + (1,) * (3 - view.ndim))
+    count = int(a.max())
+    low = np.full((count + 1, 3), np.iinfo(np.int64).max, np.int64)
+    high = np.full((count + 1, 3), -1, np.int64)
+    _boxes_into(view3, low, high)
+    axes = list(range(a.ndim))[::-1] if fortran else list(range(a.ndim))
+    return [None if high[label, 0] < 0 else
+            tuple(slice(int(low[label, axes.index(d)]), int(high[label, axes.index(d)]) + 1) for d in range(a.ndim))
+            for label in range(1, count + 1)]
+
+
+@jit.exact_helper
+def _boxes_into(seg: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:  # pragma: no cover - numba
+    """Per label ``v > 0`` of the 3D map ``seg``: the smallest (``low[v]``) and largest
+    (``high[v]``) index along each axis where it occurs."""
+    size_i, size_j, size_k = seg.shape
+    for i in range(size_i):
+        for j in range(size_j):
+            for k in range(size_k):
+                v = seg[i, j, k]
+                if v > 0:
+                    if i < low[v, 0]:
+                        low[v, 0] = i
+                    if i > high[v, 0]:
+                        high[v, 0] = i
+                    if j < low[v, 1]:
+                        low[v, 1] = j
+                    if j > high[v, 1]:
+                        high[v, 1] = j
+                    if k < low[v, 2]:
+                        low[v, 2] = k
+                    if k > high[v, 2]:
+                        high[v, 2] = k
+
+
 def _label_boxes(*segs: np.ndarray) -> Callable[[int], tuple[slice, ...]]:
     """``box(label)``: the bounding box of ``label`` in all of ``segs`` together (the whole grid
-    for label maps :func:`ndimage.find_objects` cannot index: float, negative or huge labels)."""
+    for label maps :func:`label_boxes` cannot index: float, negative or huge labels)."""
     whole = tuple(slice(0, n) for n in segs[0].shape)
     if not all(_countable(s) for s in segs):
         return lambda label: whole
-    found = [ndimage.find_objects(np.asarray(s).view(np.uint8) if np.asarray(s).dtype.kind == "b" else np.asarray(s))
-             for s in segs]
+    found = [label_boxes(s) for s in segs]
 
     def box(label: int) -> tuple[slice, ...]:
         parts = [f[label - 1] for f in found if 0 < label <= len(f) and f[label - 1] is not None]
@@ -205,6 +250,8 @@ def _gradient(component: np.ndarray, axis: int) -> np.ndarray:
     """Central difference ``(f[x+1] - f[x-1]) / 2`` along ``axis`` with zero padding."""
     shape = [1] * component.ndim
     shape[axis] = 3
+    from scipy import ndimage  # imported where used: 0.3 s that a 3D register never needs
+
     return ndimage.correlate(component, np.array([-0.5, 0.0, 0.5]).reshape(shape), mode="constant", cval=0.0)
 
 
@@ -351,6 +398,8 @@ def tre(fix_lms: np.ndarray, mov_lms: np.ndarray, disp: np.ndarray,
         raise DinoregError(f"landmarks must be two (N, 3) arrays of equal shape, got {fix.shape} and {mov.shape}",
                            "landmarks")
     field = np.asarray(disp, dtype=np.float64)
+    from scipy import ndimage
+
     u = np.stack([ndimage.map_coordinates(field[..., c], fix.T) for c in range(3)], axis=1)
     return np.linalg.norm((fix + u - mov) * np.asarray(spacing_moving, dtype=np.float64), axis=1)
 

@@ -11,10 +11,10 @@ import torch
 
 def warm_up() -> float:
     """Register a small synthetic pair with the ``mind`` preset and call the generic
-    SSD-gradient kernel and the metrics' NDV, distance-transform and label-count kernels; returns the seconds it took."""
+    SSD-gradient kernel and the metrics' NDV, distance-transform, label-count and label-box kernels; returns the seconds it took."""
     from dinoreg.api import register
     from dinoreg.edt import distance_to
-    from dinoreg.metrics import label_counts
+    from dinoreg.metrics import label_boxes, label_counts
     from dinoreg.ndv import ndv_map
     from dinoreg.optim import cpu_kernels
 
@@ -28,8 +28,9 @@ def warm_up() -> float:
     cpu_kernels.ssd_gradient(features, features, torch.zeros(1, 3, *fixed.shape))
     ndv_map(np.zeros((4, 4, 4, 3), np.float32))  # the metrics' exact NDV kernel
     distance_to(np.eye(4, dtype=bool)[None].repeat(3, 0), (1.0, 1.0, 1.0))  # HD95's distance transform
-    for dtype in (np.uint8, np.int16, np.uint16, np.int32, np.int64):  # the label types Dice counts in
+    for dtype in (np.uint8, np.int16, np.uint16, np.int32, np.int64):  # the label types Dice and HD95 read
         label_counts(np.ones(3, dtype))
+        label_boxes(np.ones((2, 2, 2), dtype))
     return time.perf_counter() - start
 
 
