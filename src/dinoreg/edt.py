@@ -13,7 +13,8 @@ The squared distance of the winning mark is therefore accumulated as
 ``((d0 s0)^2 + (d1 s1)^2) + (d2 s2)^2``, the same operations in the same order as scipy's
 ``sqrt(sum((offset * sampling) ** 2))`` over its feature transform, so with unit spacing (integer
 squared distances) every value is identical; with other spacings a value can differ, by one ulp,
-only where two marks are equally near up to rounding (about 0.04 % of voxels in the tests). Without numba, scipy itself is called.
+only where two marks are equally near up to rounding (about 0.04 % of voxels in the tests).
+Without numba, scipy itself is called.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def distance_to(marks: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     its nearest ``True`` voxel; ``inf`` everywhere when there is none."""
     marks = np.asarray(marks, dtype=bool)
     if marks.ndim not in (2, 3) or len(spacing) != marks.ndim:
-        raise ValueError(f"marks {marks.shape} with spacing {tuple(spacing)}: need a 2D or 3D array and one spacing per axis")
+        raise ValueError(f"marks {marks.shape} with spacing {tuple(spacing)}: need a 2D or 3D array and "
+                         "one spacing per axis")
     if not marks.any():
         return np.full(marks.shape, np.inf)
     if not jit_available():

@@ -44,27 +44,32 @@ CROP = 2  # voxels removed on each side of the Jacobian determinant
 MAX_COUNTED_LABEL = 1 << 20  # label maps with values in [0, this) are counted with bincount
 
 
-def _countable(seg: np.ndarray) -> bool:
-    """Whether a label map holds non-negative integers below :data:`MAX_COUNTED_LABEL` (booleans
-    included): the maps :func:`label_counts` and :func:`_label_boxes` index by label."""
+def _max_label(seg: np.ndarray) -> int | None:
+    """The largest value of a label map holding non-negative integers below
+    :data:`MAX_COUNTED_LABEL` (booleans included: 0 or 1), the maps :func:`label_counts` and
+    :func:`label_boxes` index by label; None for other maps (float, negative or huge labels)."""
     a = np.asarray(seg)
     if a.dtype.kind not in "uib" or a.size == 0:
-        return False
-    return a.dtype.kind == "b" or (int(a.min()) >= 0 and int(a.max()) < MAX_COUNTED_LABEL)
+        return None
+    if a.dtype.kind == "b":
+        return int(a.any())
+    low, high = int(a.min()), int(a.max())
+    return high if low >= 0 and high < MAX_COUNTED_LABEL else None
 
 
 def label_counts(seg: np.ndarray) -> np.ndarray | None:
-    """Voxel count per label value (index = label, ``int64``, at least 2 entries) of a
-    :func:`_countable` map: ``np.bincount``'s result, counted in the map's own integer type (no
-    ``intp`` copy of it); None for other maps (float, negative or huge labels)."""
-    if not _countable(seg):
+    """Voxel count per label value (index = label, ``int64``, at least 2 entries): ``np.bincount``'s
+    result, counted in the map's own integer type (no ``intp`` copy of it); None for maps
+    :func:`_max_label` refuses."""
+    top = _max_label(seg)
+    if top is None:
         return None
     a = np.asarray(seg)
     flat = a.ravel(order="K")  # a view of C- or Fortran-ordered maps: the order does not change counts
     flat = flat.view(np.uint8) if a.dtype.kind == "b" else flat
     if not jit.available():  # pragma: no cover - exercised only where numba is missing
         return np.bincount(flat, minlength=2)
-    out = np.zeros(max(int(flat.max()) + 1, 2), np.int64)
+    out = np.zeros(max(top + 1, 2), np.int64)
     _count_into(flat, out)
     return out
 
@@ -166,26 +171,26 @@ def hd95_per_label(fixed_seg: np.ndarray, warped_seg: np.ndarray, labels: Sequen
 
 
 def label_boxes(seg: np.ndarray) -> list[tuple[slice, ...] | None]:
-    """``scipy.ndimage.find_objects`` of a :func:`_countable` label map (1 to 3 dimensions): for
-    each label ``1 .. max`` its bounding box as slices, or None when absent. One numba pass in
-    the map's own type and memory order (scipy's without numba)."""
+    """``scipy.ndimage.find_objects`` of an integer label map (1 to 3 dimensions): for each label
+    ``1 .. max`` its bounding box as slices, or None when absent. One numba pass in the map's own
+    type and memory order for the maps :func:`_max_label` accepts (scipy's otherwise)."""
     a = np.asarray(seg)
     a = a.view(np.uint8) if a.dtype.kind == "b" else a
-    if not jit.available() or a.ndim > 3 or a.size == 0:  # pragma: no cover - numba missing
+    top = _max_label(a)
+    if not jit.available() or a.ndim > 3 or top is None:  # pragma: no cover - numba missing, odd maps
         from scipy import ndimage
 
         return ndimage.find_objects(a)
     fortran = not a.flags.c_contiguous and a.flags.f_contiguous
     view = a.T if fortran else a  # walk the memory in order; the axes are swapped back below
     view3 = view.reshape(view.shape + (1,) * (3 - view.ndim))
-    count = int(a.max())
-    low = np.full((count + 1, 3), np.iinfo(np.int64).max, np.int64)
-    high = np.full((count + 1, 3), -1, np.int64)
+    low = np.full((top + 1, 3), np.iinfo(np.int64).max, np.int64)
+    high = np.full((top + 1, 3), -1, np.int64)
     _boxes_into(view3, low, high)
     axes = list(range(a.ndim))[::-1] if fortran else list(range(a.ndim))
     return [None if high[label, 0] < 0 else
             tuple(slice(int(low[label, axes.index(d)]), int(high[label, axes.index(d)]) + 1) for d in range(a.ndim))
-            for label in range(1, count + 1)]
+            for label in range(1, top + 1)]
 
 
 @jit.exact_helper
@@ -214,9 +219,9 @@ def _boxes_into(seg: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:  # 
 
 def _label_boxes(*segs: np.ndarray) -> Callable[[int], tuple[slice, ...]]:
     """``box(label)``: the bounding box of ``label`` in all of ``segs`` together (the whole grid
-    for label maps :func:`label_boxes` cannot index: float, negative or huge labels)."""
+    for label maps :func:`_max_label` refuses: float, negative or huge labels)."""
     whole = tuple(slice(0, n) for n in segs[0].shape)
-    if not all(_countable(s) for s in segs):
+    if any(_max_label(s) is None for s in segs):
         return lambda label: whole
     found = [label_boxes(s) for s in segs]
 
@@ -473,40 +478,38 @@ def evaluate_pair(disp: np.ndarray, fixed_seg: np.ndarray | None = None, moving_
         :func:`to_jsonable` turns them into ``null``.
     """
     disp = _check_field(disp)
-    out: dict[str, Any] = {}
     if (fixed_seg is None) != (moving_seg is None):
         raise DinoregError("give both the fixed and the moving segmentation, or neither", "segmentation")
     if (fixed_lms is None) != (moving_lms is None):
         raise DinoregError("give both the fixed and the moving landmarks, or neither", "landmarks")
     # the surface distances run on a second thread while this one computes the Jacobian metrics:
     # both are partly serial numpy, and the numba kernels of each release the GIL
+    per_label: dict[str, dict[int, float]] = {}  # dice, hd95_vox, hd95_mm: in that order
+    landmarks: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinoreg-hd95") as pool:
-        overlap = None
+        surface = None
         if fixed_seg is not None:
             _check_same_shape(disp[..., 0], fixed_seg, "fixed segmentation")
             warped = warp_segmentation(moving_seg, disp) if warped_seg is None else warped_seg
             labs = list(labels) if labels is not None else _labels((fixed_seg, moving_seg))
-            overlap = pool.submit(_surface_metrics, fixed_seg, warped, moving_seg, labs, spacing)
-            out["dice"] = dice_per_label(fixed_seg, warped, labs, moving_seg=moving_seg)
+            surface = pool.submit(_surface_metrics, fixed_seg, warped, moving_seg, labs, spacing)
+            per_label["dice"] = dice_per_label(fixed_seg, warped, labs, moving_seg=moving_seg)
         if fixed_lms is not None:
             errors = tre(fixed_lms, moving_lms, disp, spacing)
-            out["tre_mm"] = [float(e) for e in errors]
-            out["tre_mm_mean"] = float(errors.mean()) if errors.size else float("nan")
+            landmarks = {"tre_mm": [float(e) for e in errors],
+                         "tre_mm_mean": float(errors.mean()) if errors.size else float("nan")}
         detj = jacobian_determinant(disp)
         folding = _folding_of(detj, fixed_mask)
         jacobian = {"sdlogj": _sdlogj_of(detj, fixed_mask, overwrite=True), "folding_fraction": folding}
         del detj
         jacobian["ndv_percent"] = _ndv(disp, fixed_mask)  # non-diffeomorphic volume, % (dinoreg.ndv)
-        if overlap is not None:
-            out.update(overlap.result())
-    for key in ("dice", "hd95_vox", "hd95_mm"):
-        if key in out:
-            values = out[key]
-            out[key] = {str(k): v for k, v in values.items()}
-            out[f"{key}_mean"] = _nanmean(values.values())
-    ordered = {k: out[k] for k in ("dice", "dice_mean", "hd95_vox", "hd95_vox_mean", "hd95_mm", "hd95_mm_mean",
-                                   "tre_mm", "tre_mm_mean") if k in out}
-    return {**ordered, **jacobian, "jacobian_masked": fixed_mask is not None}
+        if surface is not None:
+            per_label.update(surface.result())
+    out: dict[str, Any] = {}
+    for key, values in per_label.items():
+        out[key] = {str(k): v for k, v in values.items()}
+        out[f"{key}_mean"] = _nanmean(values.values())
+    return {**out, **landmarks, **jacobian, "jacobian_masked": fixed_mask is not None}
 
 
 def _surface_metrics(fixed_seg: np.ndarray, warped: np.ndarray, moving_seg: np.ndarray, labs: Sequence[int],

@@ -10,7 +10,8 @@ evaluator calls (``compute_surface_distances`` then ``compute_robust_hausdorff(.
 * Each surfel is weighted by its area (contour length in 2D) in mm^2, taken from a per-code
   table that depends on the spacing.
 * Distances are Euclidean distance transforms (``scipy.ndimage.distance_transform_edt`` with
-  ``sampling=spacing``; computed by :func:`dinoreg.edt.distance_to`, the same values) to the other mask's surfels, in mm (in voxels for unit spacing).
+  ``sampling=spacing``; computed by :func:`dinoreg.edt.distance_to`, the same values) to the
+  other mask's surfels, in mm (in voxels for unit spacing).
 * The robust Hausdorff distance at ``percent`` is, in each direction, the first distance
   (sorted by distance, then area) whose cumulative normalised area reaches ``percent / 100``;
   the result is the larger of the two directions.

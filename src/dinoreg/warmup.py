@@ -11,7 +11,8 @@ import torch
 
 def warm_up() -> float:
     """Register a small synthetic pair with the ``mind`` preset and call the generic
-    SSD-gradient kernel and the metrics' NDV, distance-transform, label-count and label-box kernels; returns the seconds it took."""
+    SSD-gradient kernel and the metrics' NDV, distance-transform, label-count and label-box
+    kernels; returns the seconds it took."""
     from dinoreg.api import register
     from dinoreg.edt import distance_to
     from dinoreg.metrics import label_boxes, label_counts
