@@ -10,7 +10,7 @@ import torch
 
 
 def warm_up() -> float:
-    """Register a small synthetic pair with the ``mind`` preset and call the generic
+    """Register a small synthetic pair with the ``mind`` preset (and its MI level) and call the generic
     SSD-gradient kernel and the metrics' NDV, distance-transform, label-count and label-box
     kernels; returns the seconds it took."""
     from dinoreg.api import register
@@ -23,7 +23,8 @@ def warm_up() -> float:
     grid = np.indices((24, 26, 28), dtype=np.float32)
     fixed = np.sin(grid[0] / 3.0) * np.cos(grid[1] / 4.0) + grid[2] / 28.0
     moving = np.roll(fixed, 1, axis=0)
-    register(fixed, moving, preset_name="mind", device="cpu", progress=False, iterations=2)
+    register(fixed, moving, preset_name="mind", device="cpu", progress=False, iterations=2,
+             mi_iterations=1, mi_samples=100)  # with the MI level's kernels
     # the generic (not 12-channel) SSD-gradient kernel that learned encoders' features use
     features = np.ascontiguousarray(np.stack([fixed] * 5, axis=-1))
     cpu_kernels.ssd_gradient(features, features, torch.zeros(1, 3, *fixed.shape))

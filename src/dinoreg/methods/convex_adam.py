@@ -4,7 +4,8 @@ then Adam instance optimisation of a dense field, on any encoder's feature volum
 Stages: :class:`~dinoreg.optim.convex_adam.ConvexStage` -> ``AdamStage`` -> (a final level when
 ``fine_iterations`` > 0: a second ``AdamStage`` on cells of ``fine_grid_sp`` voxels started from the
 first's field, or, with ``fine_reencode``, a ``ReencodedAdamStage`` on the moving image warped by
-that field and encoded again) -> (``SmoothStage`` when ``final_smoothing`` > 0).
+that field and encoded again) -> (a ``MutualInformationStage`` on the images' intensities when
+``mi_iterations`` > 0) -> (``SmoothStage`` when ``final_smoothing`` > 0).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dinoreg.methods.registry import MethodSpec, method
 from dinoreg.optim.convex import ConvexConfig
 from dinoreg.optim.convex_adam import AdamStage, ConvexStage, MovingEncoder, ReencodedAdamStage, SmoothStage
 from dinoreg.optim.instance import InstanceConfig
+from dinoreg.optim.mutual_information import MIConfig, MutualInformationStage
 from dinoreg.pair import RegistrationPair, Stage
 from dinoreg.progress import Progress
 from dinoreg.spec import setting
@@ -56,6 +58,13 @@ class ConvexAdamSpec(MethodSpec):
     fine_lambda: float = setting(1.25, "final level: diffusion regulariser weight", low=0.0, high=1e6)
     fine_reencode: bool = setting(False, "final level: warp the moving image by the field so far, encode it again "
                                          "and optimise an increment from zero (methods with one encoder)")
+    mi_iterations: int = setting(0, "MI level: Adam iterations on the images' mutual information after the feature "
+                                    "stages (0: off)", low=0, high=100000)
+    mi_grid_sp: int = setting(3, "MI level: cell size of the increment, voxels", low=1, high=32)
+    mi_lr: float = setting(0.1, "MI level: learning rate, cells", low=0.0, low_open=True, high=100.0)
+    mi_samples: int = setting(40000, "MI level: random fixed-foreground voxels per iteration", low=100, high=10**8)
+    mi_bins: int = setting(32, "MI level: histogram bins per image", low=4, high=256)
+    mi_lambda: float = setting(10.0, "MI level: diffusion weight on the increment, relative to -MI", low=0.0, high=1e6)
     final_smoothing: int = setting(0, "odd mean-filter size applied three times to the final field (0: off)",
                                    low=0, high=31)
 
@@ -83,6 +92,10 @@ def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = (
     if spec.fine_iterations > 0:
         stages.append(ReencodedAdamStage(spec.fine_config(), moving_encoder(spec, encoders)) if spec.fine_reencode
                       else AdamStage(spec.fine_config(), name="adam_fine"))
+    if spec.mi_iterations > 0:
+        stages.append(MutualInformationStage(MIConfig(grid_sp=spec.mi_grid_sp, iterations=spec.mi_iterations,
+                                                      samples=spec.mi_samples, lr=spec.mi_lr, bins=spec.mi_bins,
+                                                      lambda_weight=spec.mi_lambda)))
     if spec.final_smoothing > 1:
         stages.append(SmoothStage(spec.final_smoothing))
     return stages

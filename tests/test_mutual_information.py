@@ -1,0 +1,114 @@
+"""The MI level (dinoreg.optim.mutual_information): histogram maths, the numba kernels against
+autograd, and the stage recovering a known displacement of a real brain under a non-monotone
+contrast change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dinoreg import jit
+from dinoreg.optim import mutual_information as mi
+from dinoreg.pair import RegistrationPair
+from dinoreg.progress import Progress
+
+
+def test_mutual_information_of_identical_and_independent_histograms():
+    bins = 8
+    assert mi.mutual_information(np.eye(bins) * 5.0) == pytest.approx(np.log(bins))
+    assert mi.mutual_information(np.ones((bins, bins))) == pytest.approx(0.0, abs=1e-12)
+    table = mi.log_ratio_table(np.eye(bins))
+    assert np.allclose(np.diag(table), 0.0) and np.all(table[~np.eye(bins, dtype=bool)] == 0.0)
+
+
+def test_normalise_intensities_uses_the_mask_percentiles():
+    image = np.linspace(-100.0, 100.0, 1000).reshape(10, 10, 10).astype(np.float32)
+    mask = image > 0
+    out = mi.normalise_intensities(image, mask)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    assert out.min() == 0.0 and out.max() == 1.0
+    assert np.all(out[~mask] == 0.0)  # below the mask's 0.5th percentile
+
+
+def _problem(shape, coarse, seed=0):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    moving = ndimage.gaussian_filter(rng.random(shape), 1.5)
+    moving = ((moving - moving.min()) / (moving.max() - moving.min())).astype(np.float32)
+    fixed = np.clip(np.abs(1.4 * moving[::-1] - 0.6), 0, 1).astype(np.float32)  # a non-monotone remap
+    flat = np.sort(rng.integers(0, int(np.prod(shape)), 700))
+    base = (rng.standard_normal((flat.size, 3)) * 0.8).astype(np.float32)
+    increment = (rng.standard_normal((3, *coarse)) * 0.4).astype(np.float32)
+    if 1 in shape:  # 2D: nothing moves along the flat axis
+        base[..., shape.index(1)] = 0.0
+        increment[shape.index(1)] = 0.0
+    return flat, base, increment, fixed, moving
+
+
+@pytest.mark.skipif(not jit.available(), reason="numba missing")
+@pytest.mark.parametrize("shape,coarse,cell", [((20, 24, 18), (7, 8, 6), (3, 3, 3)),
+                                                ((30, 26, 1), (8, 7, 1), (4, 4, 1))])
+def test_fused_gradient_matches_autograd(shape, coarse, cell):
+    problem = _problem(shape, coarse)
+    fused_loss, fused = mi.FusedMIGradient(problem[0].size, coarse, 16)(*problem[:3], cell, *problem[3:], 16)
+    loss, reference = mi.mi_gradient_torch(*problem[:3], cell, *problem[3:], 16)
+    assert fused_loss == pytest.approx(loss, rel=1e-4)
+    assert np.abs(reference).max() > 0.1
+    np.testing.assert_allclose(fused, reference, atol=1e-4 * np.abs(reference).max())
+
+
+def test_stage_recovers_a_shift_under_a_non_monotone_remap(brain_crop):
+    """A real brain crop moved by (1.6, -1.2, 0.9) voxels, its contrast folded (|2x - 1|-like) and
+    noised: starting from zero, the MI level alone finds the shift to a tenth of a voxel inside
+    the brain."""
+    from dinoreg.spatial.grid import field_from_numpy, warp
+
+    fixed = brain_crop / brain_crop.max()
+    shift = np.array([1.6, -1.2, 0.9], np.float32)
+    truth = np.broadcast_to(shift, (*fixed.shape, 3))
+    remapped = np.where(fixed > 0.05, np.abs(1.6 * fixed - 0.8) + 0.1, 0.0).astype(np.float32)
+    inverse = torch.from_numpy(np.ascontiguousarray(-truth))
+    with torch.no_grad():
+        moving = warp(torch.from_numpy(remapped)[None, None], field_from_numpy(inverse.numpy()))[0, 0].numpy()
+    moving = np.clip(moving + np.random.default_rng(1).normal(0, 0.01, moving.shape), 0, None).astype(np.float32)
+    mask = fixed > 0.05
+    pair = RegistrationPair(fixed.astype(np.float32), moving, mask, moving > 0.05, None, np.eye(4),
+                            (1.0, 1.0, 1.0), torch.device("cpu"))
+    stage = mi.MutualInformationStage(mi.MIConfig(grid_sp=4, iterations=120, samples=20000, lr=0.1))
+    disp, _ = stage.run(pair, None, Progress(enabled=False))
+    found = disp[0].permute(1, 2, 3, 0).numpy()[mask & _interior(mask.shape, 8)]
+    assert np.abs(np.median(found, 0) - shift).max() < 0.1
+    assert np.linalg.norm(found - shift, axis=1).mean() < 0.3
+
+
+def _interior(shape, margin):
+    inside = np.zeros(shape, bool)
+    inside[margin:-margin, margin:-margin, margin:-margin] = True
+    return inside
+
+
+def test_mi_level_sharpens_the_mind_field_on_a_known_warp(brain_crop):
+    """A real brain crop under a smooth random warp (largest displacement 6 mm), a non-monotone
+    contrast change and noise (benchmarks/known_warp.py's construction): the ``mind`` preset
+    with the MI level (``mi_iterations``) recovers the true field with a mean end-point error at
+    least 20 % below ``mind`` alone (measured: 0.66 -> 0.42 voxels)."""
+    import dinoreg
+    from conftest import load_script
+
+    known_warp = load_script("benchmarks/known_warp.py")
+    fixed = (brain_crop / brain_crop.max()).astype(np.float32)
+    mask = fixed > 0.05
+    truth, inverse = known_warp.random_field(fixed.shape, 6.0, (1.0, 1.0, 1.0), 5, mask, control_mm=40.0)
+    moving = known_warp.warp_array(known_warp.remap_intensities(fixed, "pwl", 5), inverse)
+    moving = np.clip(moving + np.random.default_rng(1).normal(0, 0.02, moving.shape), 0, None).astype(np.float32)
+
+    def error(**settings):
+        result = dinoreg.register(fixed, moving, progress=False, **settings)
+        return float(np.linalg.norm(result.disp - truth, axis=-1)[mask].mean()), result
+
+    alone, _ = error()
+    refined, result = error(mi_iterations=60, mi_samples=10000)
+    assert result.settings["method"]["mi_iterations"] == 60
+    assert refined < 0.8 * alone
