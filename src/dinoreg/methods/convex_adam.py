@@ -62,7 +62,7 @@ class ConvexAdamSpec(MethodSpec):
                                     "stages (0: off)", low=0, high=100000)
     mi_grid_sp: int = setting(3, "MI level: cell size of the increment, voxels", low=1, high=32)
     mi_lr: float = setting(0.1, "MI level: learning rate, cells", low=0.0, low_open=True, high=100.0)
-    mi_samples: int = setting(40000, "MI level: random fixed-foreground voxels per iteration", low=100, high=10**8)
+    mi_samples: int = setting(40000, "MI level: random fixed-foreground voxels per iteration", low=100, high=10**7)
     mi_bins: int = setting(32, "MI level: histogram bins per image", low=4, high=256)
     mi_lambda: float = setting(10.0, "MI level: diffusion weight on the increment, relative to -MI", low=0.0, high=1e6)
     final_smoothing: int = setting(0, "odd mean-filter size applied three times to the final field (0: off)",
