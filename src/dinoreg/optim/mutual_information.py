@@ -367,6 +367,16 @@ def mi_gradient_torch(flat: np.ndarray, base: np.ndarray, increment: np.ndarray,
     return float(loss.detach()), leaf.grad[0].numpy()
 
 
+def stage_images(pair: RegistrationPair) -> tuple[np.ndarray, np.ndarray]:
+    """The pair's fixed and moving images (the moving one warped by ``pair.init`` when there is
+    one, as every stage sees it), each normalised to ``[0, 1]`` over its foreground."""
+    fixed = normalise_intensities(pair.fixed, pair.fixed_mask)
+    if pair.init is None:
+        return fixed, normalise_intensities(pair.moving, pair.moving_mask)
+    moving, moving_mask = warp_moving(pair, torch.zeros_like(pair.init))
+    return fixed, normalise_intensities(moving, moving_mask)
+
+
 class MutualInformationStage:
     """The MI level (:class:`MIConfig`): an increment on ``grid_sp``-voxel cells added to the field
     so far, optimised by Adam on ``-MI`` of random fixed-foreground samples."""
@@ -382,14 +392,11 @@ class MutualInformationStage:
         start = time.perf_counter()
         if previous is None:
             previous = torch.zeros(1, 3, *shape, dtype=torch.float32)
-        fixed = normalise_intensities(pair.fixed, pair.fixed_mask)
-        moving_image, moving_mask = (pair.moving, pair.moving_mask) if pair.init is None else \
-            warp_moving(pair, torch.zeros_like(previous))
-        moving = normalise_intensities(moving_image, moving_mask)
         foreground = np.flatnonzero(pair.fixed_mask)
         if foreground.size == 0:
             return previous, {}
-        # the field so far and the fixed intensities, read once at every foreground voxel
+        fixed, moving = stage_images(pair)
+        # the field so far, read once at every foreground voxel
         base = np.ascontiguousarray(previous[0].detach().cpu().float().reshape(3, -1).numpy()[:, foreground].T)
         cells = cell_shape(shape, config.grid_sp)
         coarse = tuple(p // c for p, c in zip(padded_shape(shape, config.grid_sp), cells))
