@@ -24,7 +24,8 @@ labels warped by the recovered field, folding. Every (method, case) runs in its 
 call's wall time and process CPU seconds (all threads), the parent the whole process's CPU time.
 Ratios are against ``elastix4`` on the same case.
 
-Methods: ``dinoreg-<preset>`` (optionally ``dinoreg-<preset>:key=value,key=value`` overrides),
+Methods: ``dinoreg-<preset>`` (optionally ``dinoreg-<preset>:key=value,key=value`` overrides; the
+default list includes ``dinoreg-mind:mi_iterations=100``, the MI level),
 ``elastix4`` (itk-elastix default B-spline map: 4 resolutions, AdvancedMattesMutualInformation +
 bending energy, 10 mm final grid, 256 ASGD iterations per level), ``elastix`` (the same, 3 levels),
 ``ants`` (ANTsPy SyN, Mattes MI for the affine and the SyN stage).
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shared", type=Path, default=SHARED)
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "known_warp")
-    p.add_argument("--methods", default=f"dinoreg-mind,{REFERENCE},ants",
+    p.add_argument("--methods", default=f"dinoreg-mind,dinoreg-mind:mi_iterations=100,{REFERENCE},ants",
                    help="comma list: dinoreg-<preset>[:key=value+...], elastix4, elastix, ants; "
                         "separate overrides of one dinoreg method with '+'")
     p.add_argument("--cases", default=None, help=f"comma list of {', '.join(CASES)}")
