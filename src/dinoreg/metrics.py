@@ -176,7 +176,12 @@ def label_boxes(seg: np.ndarray) -> list[tuple[slice, ...] | None]:
     type and memory order for the maps :func:`_max_label` accepts (scipy's otherwise)."""
     a = np.asarray(seg)
     a = a.view(np.uint8) if a.dtype.kind == "b" else a
-    top = _max_label(a)
+    return _boxes_below(a, _max_label(a))
+
+
+def _boxes_below(a: np.ndarray, top: int | None) -> list[tuple[slice, ...] | None]:
+    """:func:`label_boxes` of the map ``a`` (booleans viewed as ``uint8``) whose largest label is
+    ``top`` (:func:`_max_label`: None for maps it refuses, which scipy handles)."""
     if not jit.available() or a.ndim > 3 or top is None:  # pragma: no cover - numba missing, odd maps
         from scipy import ndimage
 
@@ -221,9 +226,12 @@ def _label_boxes(*segs: np.ndarray) -> Callable[[int], tuple[slice, ...]]:
     """``box(label)``: the bounding box of ``label`` in all of ``segs`` together (the whole grid
     for label maps :func:`_max_label` refuses: float, negative or huge labels)."""
     whole = tuple(slice(0, n) for n in segs[0].shape)
-    if any(_max_label(s) is None for s in segs):
+    maps = [np.asarray(s) for s in segs]
+    maps = [m.view(np.uint8) if m.dtype.kind == "b" else m for m in maps]
+    tops = [_max_label(m) for m in maps]
+    if any(top is None for top in tops):
         return lambda label: whole
-    found = [label_boxes(s) for s in segs]
+    found = [_boxes_below(m, top) for m, top in zip(maps, tops)]
 
     def box(label: int) -> tuple[slice, ...]:
         parts = [f[label - 1] for f in found if 0 < label <= len(f) and f[label - 1] is not None]

@@ -139,17 +139,38 @@ def encode(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress,
     return parts
 
 
+@dataclass(frozen=True)
+class EnsemblePlan:
+    """Which encoders a registration encodes and how their blocks weigh.
+
+    ``used``: indices into ``spec.encoders``; ``weights``: each used block's weight (the average
+    ensemble's field weights, the concatenation's block powers); ``refine``: each used block's
+    power in the refinement stages, or None when they use ``weights``."""
+
+    used: list[int]
+    weights: list[float]
+    refine: list[float] | None
+
+
+def ensemble_plan(spec: RegistrationSpec) -> EnsemblePlan:
+    """The :class:`EnsemblePlan` of ``spec``: every encoder but, for a concatenated ensemble, the
+    blocks with no power in any stage and no initial field (see :func:`contributing`)."""
+    n, features = len(spec.encoders), spec.features or ""
+    weights = spec.ensemble.weights(n, features)
+    refine = spec.ensemble.refinement_weights(n, features)
+    used = list(range(n))
+    if n >= 2 and spec.ensemble.ensemble == "concat":
+        stage_refine = refine or weights
+        used = [i for i, encoder in enumerate(spec.encoders)
+                if i == 0 or weights[i] > 0 or stage_refine[i] > 0 or bool(getattr(encoder, "slice_match", False))]
+    return EnsemblePlan(used, [weights[i] for i in used], None if refine is None else [refine[i] for i in used])
+
+
 def contributing(spec: RegistrationSpec) -> list[int]:
     """Indices of the encoders a concatenated ensemble uses: the first, every block with a power
     above 0 in some stage, and any block giving the initial field (a slice-match start). The
     others would be encoded for nothing (e.g. ``dinoreg-fast`` without its slice match)."""
-    n, features = len(spec.encoders), spec.features or ""
-    weights = spec.ensemble.weights(n, features)
-    refine = spec.ensemble.refinement_weights(n, features) or weights
-    if n < 2 or spec.ensemble.ensemble != "concat":
-        return list(range(n))
-    return [i for i, encoder in enumerate(spec.encoders)
-            if i == 0 or weights[i] > 0 or refine[i] > 0 or bool(getattr(encoder, "slice_match", False))]
+    return ensemble_plan(spec).used
 
 
 def run(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
@@ -158,18 +179,15 @@ def run(spec: RegistrationSpec, pair: RegistrationPair, progress: Progress) -> t
     timings: dict[str, float] = {}
     runs, weights = [pair], [1.0]
     if spec.method.uses_features:
-        used = contributing(spec)
+        plan = ensemble_plan(spec)
         start = time.perf_counter()
-        parts = encode(spec, pair, progress, [spec.encoders[i] for i in used])
+        parts = encode(spec, pair, progress, [spec.encoders[i] for i in plan.used])
         timings["encode"] = time.perf_counter() - start
-        all_weights = spec.ensemble.weights(len(spec.encoders), spec.features or "")
-        weights = [all_weights[i] for i in used]
+        weights = plan.weights
         if len(parts) > 1 and spec.ensemble.ensemble == "average":
             runs = [replace(pair, features=part, init=part.init) for part in parts]
         else:
-            all_refine = spec.ensemble.refinement_weights(len(spec.encoders), spec.features or "")
-            refine = None if all_refine is None else [all_refine[i] for i in used]
-            features = parts[0] if len(parts) == 1 else combine_features(parts, weights, refine)
+            features = parts[0] if len(parts) == 1 else combine_features(parts, weights, plan.refine)
             runs = [replace(pair, features=features, init=features.init)]
     fields, stage_totals = [], {}
     for one in runs:
