@@ -174,9 +174,14 @@ def label_boxes(seg: np.ndarray) -> list[tuple[slice, ...] | None]:
     """``scipy.ndimage.find_objects`` of an integer label map (1 to 3 dimensions): for each label
     ``1 .. max`` its bounding box as slices, or None when absent. One numba pass in the map's own
     type and memory order for the maps :func:`_max_label` accepts (scipy's otherwise)."""
-    a = np.asarray(seg)
-    a = a.view(np.uint8) if a.dtype.kind == "b" else a
+    a = _indexable(seg)
     return _boxes_below(a, _max_label(a))
+
+
+def _indexable(seg: np.ndarray) -> np.ndarray:
+    """``seg`` as an array, booleans viewed as ``uint8`` (labels 0 and 1 that index a table)."""
+    a = np.asarray(seg)
+    return a.view(np.uint8) if a.dtype.kind == "b" else a
 
 
 def _boxes_below(a: np.ndarray, top: int | None) -> list[tuple[slice, ...] | None]:
@@ -226,8 +231,7 @@ def _label_boxes(*segs: np.ndarray) -> Callable[[int], tuple[slice, ...]]:
     """``box(label)``: the bounding box of ``label`` in all of ``segs`` together (the whole grid
     for label maps :func:`_max_label` refuses: float, negative or huge labels)."""
     whole = tuple(slice(0, n) for n in segs[0].shape)
-    maps = [np.asarray(s) for s in segs]
-    maps = [m.view(np.uint8) if m.dtype.kind == "b" else m for m in maps]
+    maps = [_indexable(s) for s in segs]
     tops = [_max_label(m) for m in maps]
     if any(top is None for top in tops):
         return lambda label: whole

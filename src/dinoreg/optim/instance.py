@@ -37,7 +37,7 @@ SIMILARITIES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
     "lcc": lambda f, w: losses.lcc(f, w, kernel=3),
 }
 ADAM_EPS = 1e-4
-SMOOTH_TAPS = (1.0, 3.0, 6.0, 7.0, 6.0, 3.0, 1.0)  # three box-3 passes, composed
+_SMOOTH_TAPS = (1.0, 3.0, 6.0, 7.0, 6.0, 3.0, 1.0)  # three box-3 passes, composed
 
 
 def smooth_field(field: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def smooth_field(field: torch.Tensor) -> torch.Tensor:
     respect to the smoothed field back to the parameters.
     """
     n, c = field.shape[:2]
-    taps = torch.tensor(SMOOTH_TAPS, dtype=field.dtype, device=field.device) / 27.0
+    taps = torch.tensor(_SMOOTH_TAPS, dtype=field.dtype, device=field.device) / 27.0
     x = field.reshape(n * c, 1, *field.shape[2:])
     for axis in range(3):
         shape = [1, 1, 1, 1, 1]
@@ -124,7 +124,7 @@ class ParameterMap:
 
     def __init__(self, coarse: tuple[int, ...], fine: tuple[int, ...], device: torch.device,
                  dtype: torch.dtype = torch.float32) -> None:
-        taps = [t / 27.0 for t in SMOOTH_TAPS]
+        taps = [t / 27.0 for t in _SMOOTH_TAPS]
         # an axis of one cell (a 2D pair) is not smoothed: the zero-padded filter would scale it by 7/27
         self.smoothing = [filter_matrix(n, taps if n > 1 else [1.0], dtype, device) for n in coarse]
         # on CPU the banded filter (numba) beats dense matrices on grids of more than a few dozen cells

@@ -45,11 +45,10 @@ import torch.nn.functional as F
 from dinoreg.jit import fused_cpu_for, helper, kernel, prange, use_torch_threads
 from dinoreg.optim import cpu_kernels
 from dinoreg.optim.convex_adam import cell_shape, field_from_cells, padded_shape, warp_moving, zero_flat
-from dinoreg.optim.instance import SMOOTH_TAPS, Adam, diffusion_gradient, smooth_field
+from dinoreg.optim.instance import Adam, ParameterMap, diffusion_gradient
 from dinoreg.pair import RegistrationPair
 from dinoreg.progress import Progress
 
-_TAPS = np.array(SMOOTH_TAPS, np.float32) / np.float32(27.0)
 _TINY = 1e-12
 _PERCENTILE_STRIDE = 5  # percentiles of every 5th value: the same to ~1e-3, five times faster
 
@@ -402,7 +401,7 @@ class MutualInformationStage:
         coarse = tuple(p // c for p, c in zip(padded_shape(shape, config.grid_sp), cells))
         fused = fused_cpu_for(previous.device, previous.dtype)
         gradient = FusedMIGradient(config.samples, coarse, config.bins) if fused else mi_gradient_torch
-        smooth = (lambda x: cpu_kernels.separable_filter(x, _TAPS)) if fused else _smooth_torch
+        smoothing = ParameterMap(coarse, coarse, torch.device("cpu"))  # the Adam stage's filter, S
         params = torch.zeros(1, 3, *coarse, dtype=torch.float32)
         optimiser = Adam(params, lr=config.lr)
         rng = np.random.default_rng(config.seed)
@@ -410,16 +409,16 @@ class MutualInformationStage:
         with progress.stage(self.name, total=config.iterations) as step:
             for _ in range(config.iterations):
                 rows = sorted_draw(rng, foreground.size, config.samples)
-                increment = zero_flat(smooth(params), shape)
+                increment = zero_flat(smoothing.smooth(params), shape)
                 _, grad = gradient(foreground[rows], base[rows], increment[0].numpy(), cells, fixed, moving,
                                    config.bins)
                 grad = torch.from_numpy(grad)[None].contiguous()
                 if config.lambda_weight > 0:  # gradients are per sample (times N): so is the regulariser's
                     grad = _add_diffusion(increment, config.lambda_weight * config.samples, grad, fused)
-                optimiser.step(smooth(grad))
+                optimiser.step(smoothing.smooth_adjoint(grad))
                 step(1)
         with torch.no_grad():
-            increment = zero_flat(smooth(params), shape)
+            increment = zero_flat(smoothing.smooth(params), shape)
             disp = previous.cpu() + zero_flat(field_from_cells(increment, shape, config.grid_sp), shape)
         return disp.to(previous.device), {"mi_prepare": prep}
 
@@ -429,14 +428,3 @@ def _add_diffusion(field: torch.Tensor, weight: float, out: torch.Tensor, fused:
     if fused:
         return cpu_kernels.add_diffusion_gradient(field, weight, out)
     return out + diffusion_gradient(field, weight)
-
-
-def _smooth_torch(params: torch.Tensor) -> torch.Tensor:
-    """:func:`dinoreg.optim.instance.smooth_field` leaving an axis of one cell alone (2D)."""
-    if 1 in params.shape[2:]:
-        from dinoreg.spatial.separable import apply_separable, filter_matrix
-
-        taps = [float(t) for t in _TAPS]
-        mats = [filter_matrix(n, taps if n > 1 else [1.0], params.dtype, params.device) for n in params.shape[2:]]
-        return apply_separable(params[0], mats).unsqueeze(0)
-    return smooth_field(params)
