@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import load_script
+from conftest import DATA, load_script, needs_data
 
 
 def _known_warp():
@@ -78,3 +78,27 @@ def test_remaps_keep_background_and_change_contrast(kw, blob, kind) -> None:
     assert corr < 0.999  # a real change of contrast
     if kind == "t2":
         assert corr < 0  # inverted
+
+
+@needs_data
+def test_real_contrast_case_is_the_co_registered_sequence_warped(kw, tmp_path) -> None:
+    """``b-t2-10``: BraTS-Reg 002's baseline T1 is fixed, the same time point's T2 warped by the
+    known field is moving: pulled back by the true field it is the T2 again (up to resampling),
+    and the case has no labels (Dice is NaN, EPE scores the truth 0)."""
+    import nibabel as nib
+
+    case = kw.CASES["b-t2-10"]
+    data = kw.make_case(case, DATA.parent)
+    assert set(data) == {"fixed", "moving", "truth", "mask", "spacing"}
+    t2 = np.asarray(nib.load(str(DATA.parent / kw.BRATS.format(sequence="t2"))).dataobj, np.float32)
+    mm = np.linalg.norm(data["truth"], axis=-1)[data["mask"]]
+    assert mm.max() == pytest.approx(10.0, rel=0.02)
+    brain = data["mask"] & (t2 > 0)
+    moved = np.abs(data["moving"] - t2)[brain].mean()
+    back = np.abs(kw.warp_array(data["moving"], data["truth"]) - t2)[brain].mean()
+    assert back < 0.3 * moved
+    path = kw.case_path(tmp_path, "b-t2-10")
+    path.parent.mkdir(parents=True)
+    np.savez(path, **data)
+    scores = kw.score("b-t2-10", data["truth"], tmp_path)
+    assert scores["epe_mm"] == 0.0 and np.isnan(scores["dice"])
