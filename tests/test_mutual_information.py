@@ -108,8 +108,8 @@ def test_mi_level_sharpens_the_mind_field_on_a_known_warp(brain_crop):
         result = dinoreg.register(fixed, moving, progress=False, **settings)
         return float(np.linalg.norm(result.disp - truth, axis=-1)[mask].mean()), result
 
-    alone, _ = error()
-    refined, result = error(mi_iterations=60, mi_samples=10000)
+    alone, _ = error(mi_iterations=0)
+    refined, result = error(mi_iterations=60, mi_samples=10000, mi_min_correlation=-1)
     assert result.settings["method"]["mi_iterations"] == 60
     assert refined < 0.8 * alone
 
@@ -156,3 +156,76 @@ def test_stage_works_relative_to_the_initial_alignment(brain_crop):
         pair, None, Progress(enabled=False))
     found = disp[0].permute(1, 2, 3, 0).numpy()[mask & _interior(mask.shape, 8)]
     assert np.abs(np.median(found, 0) - [0.5, 0.0, 0.0]).max() < 0.15
+
+
+def test_rank_correlation_sees_one_contrast_not_its_inversion():
+    rng = np.random.default_rng(0)
+    x = rng.random(5000)
+    assert mi.rank_correlation(x, x ** 3) == pytest.approx(1.0)  # monotone: one contrast
+    assert mi.rank_correlation(x, 1.0 - x) == pytest.approx(-1.0)  # inverted (T1 against T2-like)
+    assert abs(mi.rank_correlation(x, rng.random(5000))) < 0.05
+    assert mi.rank_correlation(x, np.zeros(5000)) == -1.0  # constant: no evidence
+
+
+def test_sample_domain_dilates_the_foreground_in_plane_on_a_2d_volume():
+    mask = np.zeros((9, 9, 9), bool)
+    mask[4, 4, 4] = True
+    assert mi.sample_domain(mask, 0).tolist() == [np.ravel_multi_index((4, 4, 4), mask.shape)]
+    assert mi.sample_domain(mask, 2).size == 25  # a diamond of radius 2: 1 + 6 + 18
+    flat = np.zeros((9, 9, 1), bool)
+    flat[4, 4, 0] = True
+    assert mi.sample_domain(flat, 2).size == 13  # in-plane diamond
+
+
+def _shifted_pair(brain_crop, contrast):
+    from dinoreg.spatial.grid import field_from_numpy, warp
+
+    fixed = np.ascontiguousarray(brain_crop[16:80, 16:80, 16:80] / brain_crop.max(), np.float32)
+    shift = np.zeros((*fixed.shape, 3), np.float32)
+    shift[..., 1] = 1.5
+    with torch.no_grad():
+        moving = warp(torch.from_numpy(fixed)[None, None], field_from_numpy(-shift))[0, 0].numpy()
+    moving = np.ascontiguousarray(contrast(moving), np.float32)
+    mask = fixed > 0.05
+    return RegistrationPair(fixed, moving, mask, moving > 0.05, None, np.eye(4), (1.0, 1.0, 1.0),
+                            torch.device("cpu")), mask
+
+
+def test_stage_runs_only_when_both_images_show_one_contrast(brain_crop):
+    """A real brain crop shifted by 1.5 voxels: under a monotone contrast change the gated stage
+    finds the shift; with the contrast inverted (CSF bright, tissue dark: rank correlation
+    negative) it returns the field so far untouched."""
+    config = mi.MIConfig(grid_sp=4, iterations=60, samples=10000, min_correlation=0.5, sample_margin=3)
+    same, mask = _shifted_pair(brain_crop, lambda m: m ** 0.5)
+    disp, _ = mi.MutualInformationStage(config).run(same, None, Progress(enabled=False))
+    found = disp[0].permute(1, 2, 3, 0).numpy()[mask & _interior(mask.shape, 8)]
+    assert np.abs(np.median(found, 0) - [0.0, 1.5, 0.0]).max() < 0.15
+    inverted, _ = _shifted_pair(brain_crop, lambda m: np.where(m > 0.05, 1.05 - m, 0.0))
+    so_far = torch.full((1, 3, *inverted.shape), 0.25)
+    disp, _ = mi.MutualInformationStage(config).run(inverted, so_far, Progress(enabled=False))
+    assert torch.equal(disp, so_far)
+
+
+def test_mind_preset_gates_its_mi_level_by_contrast(brain_crop):
+    """The ``mind`` preset on a real brain crop under a known smooth warp: with a monotone
+    contrast change its MI level runs and lowers the end-point error below the feature stages'
+    alone; with the contrast inverted it is skipped, so the field is bit-identical to
+    ``mi_iterations=0``."""
+    import dinoreg
+    from conftest import load_script
+
+    known_warp = load_script("benchmarks/known_warp.py")
+    fixed = (brain_crop / brain_crop.max()).astype(np.float32)
+    mask = fixed > 0.05
+    truth, inverse = known_warp.random_field(fixed.shape, 6.0, (1.0, 1.0, 1.0), 7, mask, control_mm=40.0)
+
+    def fields(remap):
+        moving = known_warp.warp_array(known_warp.remap_intensities(fixed, remap, 7), inverse)
+        return [dinoreg.register(fixed, moving, progress=False, mi_samples=10000, mi_iterations=iterations).disp
+                for iterations in (60, 0)]
+
+    gated, alone = fields("gamma")
+    epe = [float(np.linalg.norm(d - truth, axis=-1)[mask].mean()) for d in (gated, alone)]
+    assert epe[0] < 0.85 * epe[1], epe
+    gated, alone = fields("t2")
+    np.testing.assert_array_equal(gated, alone)

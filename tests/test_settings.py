@@ -38,6 +38,11 @@ def test_presets_are_specs_with_their_defaults():
     assert mind.describe() == "convexadam on mind"
     assert mind.method.iterations == 50 and mind.method.lambda_weight == 1.25
     assert PRESETS["convexadam"].spec.method.iterations == 80
+    # the MI level: on with the mind optimiser (gated to one contrast), off where a preset reproduces a package
+    assert mind.method.mi_iterations == 100 and mind.method.mi_min_correlation == 0.5
+    assert PRESETS["convexadam"].spec.method.mi_iterations == 0
+    assert PRESETS["dinoreg"].spec.method.mi_iterations == 100
+    assert PRESETS["dinoreg-paper"].spec.method.name == "adam"  # the authors' optimiser: no MI level
     assert "dino3d" not in PRESETS  # below identity on the abdomen and BraTS (README): no preset until it is not
     assert resolve("mind", {"features": "dino3d"}).encoders[0].overlap == 0.25
     assert PRESETS["dinoreg-ensemble"].spec.ensemble.ensemble_weights == (1.0, 0.05)
@@ -70,6 +75,8 @@ def test_flat_values_are_coerced_and_recorded():
     ("mask_threshold", -1, "'mask_threshold'"),
     ("seed", -1, "'seed'"),
     ("similarity", "mi", "'similarity' must be one of ssd, lcc"),
+    ("mi_min_correlation", 1.5, "'mi_min_correlation' must be a finite number >= -1 and <= 1"),
+    ("mi_sample_margin", -1, "'mi_sample_margin' must be an integer >= 0"),
     ("ic", "maybe", "'ic' must be true or false"),
     ("ct_window", [50], "'ct_window' must be 2 values"),
     ("ct_window", [50, 0], "positive width"),
@@ -137,6 +144,7 @@ BAD_REGISTER = [
     ["--mr-percentile", "150"], ["--seed", "-1"], ["--set", "nonsense=1"], ["--set", "iterations"],
     ["--weights", "w.pth"], ["--method", "ffd", "--features", "mind", "--alpha", "0.3"], ["--similarity", "mi"],
     ["--features", "nosuch"], ["--preset", "nosuch"], ["--device", "tpu"], ["--iterations", "ten"],
+    ["--set", "mi_min_correlation=2"], ["--set", "mi_sample_margin=-3"],
 ]
 
 

@@ -31,10 +31,12 @@ class Preset:
 
 def _presets() -> dict[str, Preset]:
     items = [
-        Preset("mind", "MIND-SSC + ConvexAdam tuned for CPU (the reference settings with 50 Adam iterations)",
+        Preset("mind", "MIND-SSC + ConvexAdam tuned for CPU (the reference settings with 50 Adam iterations), "
+                       "then a mutual-information level on the intensities when both images show one contrast",
                RegistrationSpec(ConvexAdamSpec(), (MindSpec(),))),
-        Preset("convexadam", "MIND-SSC + ConvexAdam with the convexadam 0.2.0 package's defaults (80 iterations)",
-               RegistrationSpec(ConvexAdamSpec(iterations=80), (MindSpec(),))),
+        Preset("convexadam", "MIND-SSC + ConvexAdam with the convexadam 0.2.0 package's defaults (80 iterations, "
+                             "no MI level)",
+               RegistrationSpec(ConvexAdamSpec(iterations=80, mi_iterations=0), (MindSpec(),))),
         Preset("dinoreg", "DINO-Reg on CPU: MIND-SSC + a tri-planar DINOv2 block (14 mm tokens, slices every 12 mm "
                           "along all three axes, joint PCA) guiding the convex search at power 0.2, MIND alone in "
                           "the Adam stage, from DINOv2's cls-token slice match",

@@ -31,7 +31,8 @@ from dinoreg.spec import setting
 
 @dataclass(frozen=True)
 class ConvexAdamSpec(MethodSpec):
-    """Settings of both stages (defaults: the ``mind`` preset)."""
+    """Settings of both stages (defaults: the ``mind`` preset; the ``convexadam`` preset, the
+    package's settings, turns the MI level off)."""
 
     name: ClassVar[str] = "convexadam"
     grid_sp: int = setting(6, "convex stage: cell size, voxels", low=1, high=32)
@@ -41,7 +42,8 @@ class ConvexAdamSpec(MethodSpec):
                                  low=0.0, high=1000.0)
     ic: bool = setting(True, "convex stage: inverse consistency")
     grid_sp_adam: int = setting(2, "Adam stage: cell size, voxels", low=1, high=32)
-    iterations: int = setting(50, "Adam stage: iterations (0: the convex stage alone)", low=0, high=100000)
+    iterations: int = setting(50, "Adam stage: iterations (0: no Adam stage; with mi_iterations=0 the convex stage "
+                                  "alone)", low=0, high=100000)
     lr: float = setting(1.0, "Adam stage: learning rate, cells", low=0.0, low_open=True, high=1000.0)
     lambda_weight: float = setting(1.25, "Adam stage: diffusion regulariser weight", low=0.0, high=1e6)
     similarity: str = setting("ssd", "Adam stage: feature similarity", choices=("ssd", "lcc"))
@@ -58,13 +60,18 @@ class ConvexAdamSpec(MethodSpec):
     fine_lambda: float = setting(1.25, "final level: diffusion regulariser weight", low=0.0, high=1e6)
     fine_reencode: bool = setting(False, "final level: warp the moving image by the field so far, encode it again "
                                          "and optimise an increment from zero (methods with one encoder)")
-    mi_iterations: int = setting(0, "MI level: Adam iterations on the images' mutual information after the feature "
-                                    "stages (0: off)", low=0, high=100000)
+    mi_iterations: int = setting(100, "MI level: Adam iterations on the images' mutual information after the "
+                                      "feature stages, when both show one contrast (0: off)", low=0, high=100000)
     mi_grid_sp: int = setting(3, "MI level: cell size of the increment, voxels", low=1, high=32)
     mi_lr: float = setting(0.1, "MI level: learning rate, cells", low=0.0, low_open=True, high=100.0)
     mi_samples: int = setting(40000, "MI level: random fixed-foreground voxels per iteration", low=100, high=10**7)
     mi_bins: int = setting(32, "MI level: histogram bins per image", low=4, high=256)
     mi_lambda: float = setting(10.0, "MI level: diffusion weight on the increment, relative to -MI", low=0.0, high=1e6)
+    mi_min_correlation: float = setting(0.5, "MI level: runs only when the fixed and the warped moving intensities' "
+                                             "Spearman rank correlation is at least this (one contrast; -1: always)",
+                                        low=-1.0, high=1.0)
+    mi_sample_margin: int = setting(3, "MI level: samples from the fixed foreground dilated by this many voxels",
+                                    low=0, high=64)
     final_smoothing: int = setting(0, "odd mean-filter size applied three times to the final field (0: off)",
                                    low=0, high=31)
 
@@ -95,7 +102,9 @@ def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = (
     if spec.mi_iterations > 0:
         stages.append(MutualInformationStage(MIConfig(grid_sp=spec.mi_grid_sp, iterations=spec.mi_iterations,
                                                       samples=spec.mi_samples, lr=spec.mi_lr, bins=spec.mi_bins,
-                                                      lambda_weight=spec.mi_lambda)))
+                                                      lambda_weight=spec.mi_lambda,
+                                                      min_correlation=spec.mi_min_correlation,
+                                                      sample_margin=spec.mi_sample_margin)))
     if spec.final_smoothing > 1:
         stages.append(SmoothStage(spec.final_smoothing))
     return stages
