@@ -229,3 +229,17 @@ def test_mind_preset_gates_its_mi_level_by_contrast(brain_crop):
     assert epe[0] < 0.85 * epe[1], epe
     gated, alone = fields("t2")
     np.testing.assert_array_equal(gated, alone)
+
+
+def test_optimise_time_counts_each_stage_once(brain_crop):
+    """``timings["optimise"]`` is the sum of the stages' own times; a stage's parts (the MI
+    level's ``mi_prepare``) are reported but not added again (they were: optimise > wall)."""
+    import dinoreg
+
+    fixed = np.ascontiguousarray(brain_crop[16:80, 16:80, 16:80], np.float32)
+    result = dinoreg.register(fixed, np.roll(fixed, 1, 0), progress=False, iterations=5, mi_iterations=5,
+                              mi_samples=2000)
+    t = result.timings
+    assert {"convex", "adam", "mi", "mi_prepare"} <= set(t)
+    assert t["mi_prepare"] <= t["mi"]
+    assert t["optimise"] == pytest.approx(t["convex"] + t["adam"] + t["mi"])

@@ -5,7 +5,8 @@ Stages: :class:`~dinoreg.optim.convex_adam.ConvexStage` -> ``AdamStage`` -> (a f
 ``fine_iterations`` > 0: a second ``AdamStage`` on cells of ``fine_grid_sp`` voxels started from the
 first's field, or, with ``fine_reencode``, a ``ReencodedAdamStage`` on the moving image warped by
 that field and encoded again) -> (a ``MutualInformationStage`` on the images' intensities when
-``mi_iterations`` > 0) -> (``SmoothStage`` when ``final_smoothing`` > 0).
+``mi_iterations`` > 0, the default; it skips itself when the images do not show one contrast) ->
+(``SmoothStage`` when ``final_smoothing`` > 0).
 """
 
 from __future__ import annotations
