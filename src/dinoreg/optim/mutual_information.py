@@ -331,15 +331,28 @@ def _joint_histogram(fixed_values: np.ndarray, moving_values: np.ndarray, out: n
 
 @kernel
 def _increment_gradient(points: np.ndarray, fixed_values: np.ndarray, moving_values: np.ndarray,
-                        gradients: np.ndarray, table: np.ndarray, cells: np.ndarray, out: np.ndarray) -> None:
-    """Gradient of ``-N * MI`` with respect to the coarse increment; ``out`` ``(chunks, 3, h, w, d)``
-    zeroed, one per chunk of samples (summed by the caller). ``table``: :func:`log_ratio_table`."""
+                        gradients: np.ndarray, table: np.ndarray, cells: np.ndarray, out: np.ndarray,
+                        slabs: np.ndarray) -> None:
+    """Gradient of ``-N * MI`` with respect to the coarse increment, one partial sum per chunk of
+    samples into ``out`` ``(chunks, 3, h, w, d)`` (summed by :func:`_sum_slabs`). The samples are
+    in memory order, so chunk ``c`` only reaches the rows ``slabs[c, 0]..slabs[c, 1]`` of the first
+    cell axis: it zeroes and fills those alone (the whole buffer is 8 times the increment).
+    ``table``: :func:`log_ratio_table`."""
     chunks, _, h, w, d = out.shape
     bins = table.shape[0]
     n = fixed_values.shape[0]
     for c in prange(chunks):
         grad = out[c]
-        for s in range(c * n // chunks, (c + 1) * n // chunks):
+        first, last = c * n // chunks, (c + 1) * n // chunks
+        if first >= last:
+            slabs[c, 0], slabs[c, 1] = 0, -1
+            continue
+        low, _, _ = _axis((points[first, 0] + 0.5) / cells[0] - 0.5, h)
+        high, _, _ = _axis((points[last - 1, 0] + 0.5) / cells[0] - 0.5, h)
+        high = _upper(high, h)
+        slabs[c, 0], slabs[c, 1] = low, high
+        grad[:, low:high + 1] = 0.0
+        for s in range(first, last):
             xf = min(max(fixed_values[s], 0.0), 1.0) * bins - 0.5
             m = moving_values[s]
             slope = 0.0 if (m < 0.0 or m > 1.0) else float(bins)
@@ -372,6 +385,20 @@ def _increment_gradient(points: np.ndarray, fixed_values: np.ndarray, moving_val
                 v[x1, y1, z1] += g * fx * fy * fz
 
 
+@kernel
+def _sum_slabs(out: np.ndarray, slabs: np.ndarray, total: np.ndarray) -> None:
+    """``total`` ``(3, h, w, d)`` = the sum of the chunks' partial gradients ``out`` over their
+    slabs (rows ``slabs[c, 0]..slabs[c, 1]`` of the first cell axis; zero elsewhere), in chunk
+    order for every element (the same float sums whatever the thread count)."""
+    chunks, comps, h = out.shape[0], out.shape[1], out.shape[2]
+    for row in prange(comps * h):
+        comp, x = row // h, row % h
+        total[comp, x] = 0.0
+        for c in range(chunks):
+            if slabs[c, 0] <= x <= slabs[c, 1]:
+                total[comp, x] += out[c, comp, x]
+
+
 _CHUNKS = 8  # partial sums of the histogram and the gradient: a fixed count, so the float sums (and
 # the field) do not depend on the number of threads (dataset workers run with other counts)
 
@@ -389,6 +416,8 @@ class FusedMIGradient:
         self.gradients = np.empty((samples, 3), np.float32)
         self.hist = np.zeros((chunks, bins, bins), np.float64)
         self.grad = np.zeros((chunks, 3, *coarse), np.float32)
+        self.slabs = np.zeros((chunks, 2), np.int64)
+        self.total = np.zeros((3, *coarse), np.float32)
 
     def __call__(self, flat: np.ndarray, base: np.ndarray, increment: np.ndarray,
                  cell: tuple[int, ...], fixed: np.ndarray, moving: np.ndarray, bins: int) -> tuple[float, np.ndarray]:
@@ -405,10 +434,10 @@ class FusedMIGradient:
         self.hist.fill(0.0)
         _joint_histogram(fixed_values, self.values, self.hist)
         joint = self.hist.sum(0)
-        self.grad.fill(0.0)
         _increment_gradient(points, fixed_values, self.values, self.gradients, log_ratio_table(joint), cells,
-                            self.grad)
-        return -mutual_information(joint), self.grad.sum(0)
+                            self.grad, self.slabs)
+        _sum_slabs(self.grad, self.slabs, self.total)
+        return -mutual_information(joint), self.total  # a kept buffer: valid until the next call
 
 
 def mi_gradient_torch(flat: np.ndarray, base: np.ndarray, increment: np.ndarray,
