@@ -483,11 +483,11 @@ class MutualInformationStage:
             previous = torch.zeros(1, 3, *shape, dtype=torch.float32)
         if not pair.fixed_mask.any():
             return previous, {}
-        domain = sample_domain(pair.fixed_mask, config.sample_margin)
         fixed, moving = stage_images(pair)
         so_far = previous[0].detach().cpu().float().reshape(3, -1).numpy()
         if not self._same_contrast(np.flatnonzero(pair.fixed_mask), so_far, fixed, moving, progress):
             return previous, {"mi_prepare": time.perf_counter() - start}
+        domain = sample_domain(pair.fixed_mask, config.sample_margin)  # only once the level runs
         cells = cell_shape(shape, config.grid_sp)
         coarse = tuple(p // c for p, c in zip(padded_shape(shape, config.grid_sp), cells))
         fused = fused_cpu_for(previous.device, previous.dtype)
