@@ -225,15 +225,11 @@ def jacobian_min(disp: np.ndarray) -> float:
 def make_case(case: Case, shared: Path) -> dict[str, np.ndarray]:
     """Fixed image and labels, moving image and labels, the true field, the brain mask (no labels
     for a real-contrast case)."""
-    import nibabel as nib
-
     if case.real_contrast:
         return _make_real_contrast_case(case, shared)
     vol_path, seg_path = SUBJECTS[case.subject]
-    img = nib.load(str(shared / vol_path))
-    fixed = np.asarray(img.dataobj, np.float32)
-    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    fixed_seg = np.asarray(nib.load(str(shared / seg_path)).dataobj).astype(np.int32)
+    fixed, spacing = _volume(shared / vol_path)
+    fixed_seg = _volume(shared / seg_path)[0].astype(np.int32)
     mask = fixed_seg > 0
     truth, inverse = random_field(fixed.shape, case.max_mm, spacing, case.seed, mask, case.control_mm)
     remapped = remap_intensities(fixed, case.remap, case.seed)
@@ -246,20 +242,21 @@ def make_case(case: Case, shared: Path) -> dict[str, np.ndarray]:
 
 
 def _make_real_contrast_case(case: Case, shared: Path) -> dict[str, np.ndarray]:
-    import nibabel as nib
-
-    img = nib.load(str(shared / BRATS.format(sequence="t1")))
-    fixed = np.asarray(img.dataobj, np.float32)
-    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    """BraTS-Reg 002's baseline T1 (fixed) and its ``case.remap`` sequence warped by the known
+    field (moving, no added noise: ``case.noise`` is not used)."""
+    fixed, spacing = _volume(shared / BRATS.format(sequence="t1"))
     mask = fixed > 0
     truth, inverse = random_field(fixed.shape, case.max_mm, spacing, case.seed, mask, case.control_mm)
-    source = np.asarray(nib.load(str(shared / BRATS.format(sequence=case.remap))).dataobj, np.float32)
-    moving = warp_array(source, inverse)
-    if case.noise > 0:
-        rng = np.random.default_rng(case.seed + 1000)
-        noise = case.noise * float(np.percentile(source[source > 0], 99.5))
-        moving = np.clip(moving + rng.normal(0.0, noise, moving.shape).astype(np.float32), 0.0, None)
+    moving = warp_array(_volume(shared / BRATS.format(sequence=case.remap))[0], inverse)
     return dict(fixed=fixed, moving=moving.astype(np.float32), truth=truth, mask=mask, spacing=np.asarray(spacing))
+
+
+def _volume(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A NIfTI volume as float32 (its stored values, labels included) and its voxel size in mm."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj, np.float32), tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
 def case_path(out: Path, name: str) -> Path:
