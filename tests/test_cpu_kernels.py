@@ -161,3 +161,18 @@ def test_mind_pool_gives_the_full_resolution_registration(brain_crop):
     inner = (slice(8, -8),) * 3
     assert float(np.abs(pooled.disp[inner]).mean()) > 1.0  # it found the shift
     assert float(np.abs(pooled.disp[inner] - full.disp[inner]).mean()) < 0.05
+
+
+@pytest.mark.parametrize("kernel_size", [3, 9])
+def test_box_smooth_matches_the_torch_mean_filter(kernel_size):
+    """``final_smooth``'s fused path (running sums, borders clamped) against three passes of
+    ``avg_pool3d`` over a replicate-padded field, on odd sizes smaller and larger than the kernel."""
+    from dinoreg.optim.convex_adam import final_smooth
+
+    field = torch.from_numpy(np.random.default_rng(3).normal(size=(1, 3, 7, 12, 23)).astype(np.float32))
+    reference = field
+    for _ in range(3):
+        reference = F.avg_pool3d(F.pad(reference, [kernel_size // 2] * 6, mode="replicate"), kernel_size, stride=1)
+    fused = cpu_kernels.box_smooth(field, kernel_size, 3)
+    torch.testing.assert_close(fused, reference, atol=2e-6, rtol=0)
+    torch.testing.assert_close(final_smooth(field, kernel_size), reference, atol=2e-6, rtol=0)

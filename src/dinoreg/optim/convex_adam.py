@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinoreg.jit import fused_cpu_for
+from dinoreg.optim import cpu_kernels
 from dinoreg.optim.convex import ConvexConfig, convex_optimise
 from dinoreg.optim.instance import InstanceConfig, InstanceOptimiser
 from dinoreg.pair import RegistrationPair
@@ -134,10 +136,12 @@ def field_from_cells(disp: torch.Tensor, image_shape: tuple[int, int, int], cell
 
 
 def final_smooth(disp: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Three passes of an odd ``kernel`` mean filter (0 disables)."""
+    """Three passes of an odd ``kernel`` mean filter (0 disables), borders replicated."""
     if kernel <= 1:
         return disp
     kernel += 1 - kernel % 2
+    if fused_cpu_for(disp.device, disp.dtype):
+        return cpu_kernels.box_smooth(disp, kernel, 3)
     for _ in range(3):
         disp = F.avg_pool3d(F.pad(disp, [kernel // 2] * 6, mode="replicate"), kernel, stride=1)
     return disp

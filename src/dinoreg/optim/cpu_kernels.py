@@ -200,6 +200,40 @@ def _filter_axis(src: np.ndarray, taps: np.ndarray, axis: int, out: np.ndarray) 
 
 
 @kernel
+def _box_axis(src: np.ndarray, radius: int, axis: int, out: np.ndarray) -> None:
+    """Mean over ``2 * radius + 1`` voxels along ``axis`` (1, 2 or 3) of a ``(C, I, J, K)`` array,
+    borders replicated (indices clamped), by running sums (float64): O(1) per voxel."""
+    channels, h, w, d = src.shape
+    scale = 1.0 / (2 * radius + 1)
+    if axis == 3:
+        for ci in prange(channels * h):
+            c, i = ci // h, ci % h
+            for j in range(w):
+                line = src[c, i, j]
+                total = 0.0
+                for t in range(-radius, radius + 1):
+                    total += line[min(max(t, 0), d - 1)]
+                for k in range(d):
+                    out[c, i, j, k] = total * scale
+                    total += line[min(k + radius + 1, d - 1)] - line[max(k - radius, 0)]
+        return
+    lines, n = (channels * h, w) if axis == 2 else (channels * w, h)
+    for cl in prange(lines):
+        c, other = cl // (lines // channels), cl % (lines // channels)
+        total = np.zeros(d, np.float64)
+        for t in range(-radius, radius + 1):
+            p = min(max(t, 0), n - 1)
+            total += src[c, other, p] if axis == 2 else src[c, p, other]
+        for p in range(n):
+            if axis == 2:
+                out[c, other, p] = total * scale
+                total += src[c, other, min(p + radius + 1, n - 1)] - src[c, other, max(p - radius, 0)]
+            else:
+                out[c, p, other] = total * scale
+                total += src[c, min(p + radius + 1, n - 1), other] - src[c, max(p - radius, 0), other]
+
+
+@kernel
 def _add_diffusion_gradient(field: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
     """``out += d/dfield sum_a scales[a] * sum (field[x + e_a] - field[x])^2`` for ``(C, I, J, K)``."""
     channels, h, w, d = field.shape
@@ -310,6 +344,19 @@ def separable_filter(volume: torch.Tensor, taps: np.ndarray) -> torch.Tensor:
         _filter_axis(out, taps, axis, filtered)
         out = filtered
     return torch.from_numpy(out).unsqueeze(0)
+
+
+def box_smooth(volume: torch.Tensor, kernel_size: int, passes: int) -> torch.Tensor:
+    """``passes`` rounds of an odd ``kernel_size`` mean filter along every axis of ``(1, C, I, J, K)``
+    (float32), borders replicated: :func:`dinoreg.optim.convex_adam.final_smooth`'s arithmetic."""
+    use_torch_threads()
+    first = np.ascontiguousarray(volume[0].detach().numpy(), dtype=np.float32).copy()
+    second = np.empty_like(first)
+    for _ in range(passes):
+        for axis in (1, 2, 3):
+            _box_axis(first, kernel_size // 2, axis, second)
+            first, second = second, first
+    return torch.from_numpy(first).unsqueeze(0)
 
 
 def add_diffusion_gradient(field: torch.Tensor, weight: float, out: torch.Tensor) -> torch.Tensor:
