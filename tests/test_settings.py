@@ -77,6 +77,8 @@ def test_flat_values_are_coerced_and_recorded():
     ("similarity", "mi", "'similarity' must be one of ssd, lcc"),
     ("mi_min_correlation", 1.5, "'mi_min_correlation' must be a finite number >= -1 and <= 1"),
     ("mi_sample_margin", -1, "'mi_sample_margin' must be an integer >= 0"),
+    ("mi_lr_end", 0, "'mi_lr_end'"),
+    ("mi_base_smoothing", -1, "'mi_base_smoothing' must be an integer >= 0"),
     ("ic", "maybe", "'ic' must be true or false"),
     ("ct_window", [50], "'ct_window' must be 2 values"),
     ("ct_window", [50, 0], "positive width"),

@@ -24,7 +24,8 @@ def warm_up() -> float:
     fixed = np.sin(grid[0] / 3.0) * np.cos(grid[1] / 4.0) + grid[2] / 28.0
     moving = np.roll(fixed, 1, axis=0)
     register(fixed, moving, preset_name="mind", device="cpu", progress=False, iterations=2,
-             mi_iterations=1, mi_samples=100, mi_min_correlation=-1)  # the MI level's kernels, whatever the gate
+             mi_iterations=1, mi_samples=100, mi_min_correlation=-1,  # the MI level's kernels, whatever the gate
+             mi_base_smoothing=3)  # and the mean filter of final_smoothing / mi_base_smoothing
     # the generic (not 12-channel) SSD-gradient kernel that learned encoders' features use
     features = np.ascontiguousarray(np.stack([fixed] * 5, axis=-1))
     cpu_kernels.ssd_gradient(features, features, torch.zeros(1, 3, *fixed.shape))

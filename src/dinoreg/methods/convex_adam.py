@@ -65,6 +65,11 @@ class ConvexAdamSpec(MethodSpec):
                                       "feature stages, when both show one contrast (0: off)", low=0, high=100000)
     mi_grid_sp: int = setting(3, "MI level: cell size of the increment, voxels", low=1, high=32)
     mi_lr: float = setting(0.1, "MI level: learning rate, cells", low=0.0, low_open=True, high=100.0)
+    mi_lr_end: float = setting(1.0, "MI level: the learning rate falls geometrically to mi_lr times this by the "
+                                    "last iteration (1: constant)", low=0.0, low_open=True, high=1.0)
+    mi_base_smoothing: int = setting(0, "MI level: when it runs, first smooth the feature stages' field by three "
+                                        "passes of this odd mean filter, voxels (0: off; smoother fields, see README)",
+                                     low=0, high=31)
     mi_samples: int = setting(40000, "MI level: random fixed-foreground voxels per iteration", low=100, high=10**7)
     mi_bins: int = setting(32, "MI level: histogram bins per image", low=4, high=256)
     mi_lambda: float = setting(10.0, "MI level: diffusion weight on the increment, relative to -MI", low=0.0, high=1e6)
@@ -102,7 +107,8 @@ def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = (
                       else AdamStage(spec.fine_config(), name="adam_fine"))
     if spec.mi_iterations > 0:
         stages.append(MutualInformationStage(MIConfig(grid_sp=spec.mi_grid_sp, iterations=spec.mi_iterations,
-                                                      samples=spec.mi_samples, lr=spec.mi_lr, bins=spec.mi_bins,
+                                                      samples=spec.mi_samples, lr=spec.mi_lr, lr_end=spec.mi_lr_end,
+                                                      bins=spec.mi_bins, base_smoothing=spec.mi_base_smoothing,
                                                       lambda_weight=spec.mi_lambda,
                                                       min_correlation=spec.mi_min_correlation,
                                                       sample_margin=spec.mi_sample_margin)))
