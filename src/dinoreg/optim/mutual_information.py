@@ -518,9 +518,9 @@ class MutualInformationStage:
                 flat = domain[sorted_draw(rng, domain.size, config.samples)]
                 increment = zero_flat(smoothing.smooth(params), shape)
                 # the field so far at the samples, read per draw (not kept for the whole domain: 12
-                # bytes a voxel, 0.4 GB on a 512 x 512 x 300 CT)
-                _, grad = gradient(flat, np.ascontiguousarray(so_far[:, flat].T), increment[0].numpy(), cells,
-                                   fixed, moving, config.bins)
+                # bytes a voxel, 0.4 GB on a 512 x 512 x 300 CT); np.take: 4x faster than [:, flat]
+                base = np.ascontiguousarray(np.take(so_far, flat, axis=1).T)
+                _, grad = gradient(flat, base, increment[0].numpy(), cells, fixed, moving, config.bins)
                 grad = torch.from_numpy(grad)[None].contiguous()
                 if config.lambda_weight > 0:  # gradients are per sample (times N): so is the regulariser's
                     grad = _add_diffusion(increment, config.lambda_weight * config.samples, grad, fused)
@@ -543,7 +543,7 @@ class MutualInformationStage:
             return True
         rng = np.random.default_rng((self.config.seed, 1))
         flat = foreground[sorted_draw(rng, foreground.size, min(self.config.samples, foreground.size))]
-        rho = intensity_correlation(flat, np.ascontiguousarray(so_far[:, flat].T), fixed, moving)
+        rho = intensity_correlation(flat, np.ascontiguousarray(np.take(so_far, flat, axis=1).T), fixed, moving)
         if rho >= threshold:
             progress.log(f"mi: intensity rank correlation {rho:.2f} >= {threshold:g}: refining by mutual information")
             return True
