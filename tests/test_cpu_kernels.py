@@ -173,6 +173,8 @@ def test_box_smooth_matches_the_torch_mean_filter(kernel_size):
     reference = field
     for _ in range(3):
         reference = F.avg_pool3d(F.pad(reference, [kernel_size // 2] * 6, mode="replicate"), kernel_size, stride=1)
+    original = field.clone()
     fused = cpu_kernels.box_smooth(field, kernel_size, 3)
     torch.testing.assert_close(fused, reference, atol=2e-6, rtol=0)
+    assert torch.equal(field, original)  # the input is left as it was
     torch.testing.assert_close(final_smooth(field, kernel_size), reference, atol=2e-6, rtol=0)

@@ -8,6 +8,8 @@
 * :func:`coupled_argmin`: one coupling round's argmin without materialising the coupled costs.
 * :func:`separable_filter`: the Adam stage's field smoothing (7 taps per axis), not a dense matrix,
   and :func:`add_diffusion_gradient`, the regulariser's gradient added in place.
+* :func:`box_smooth`: ``final_smooth``'s mean filter (``final_smoothing``, ``mi_base_smoothing``)
+  by running sums, O(1) per voxel whatever the kernel size.
 
 Each computes what its torch twin in :mod:`dinoreg.optim.instance` / :mod:`dinoreg.optim.convex`
 computes (``tests/test_cpu_kernels.py`` compares them); the torch twins run on GPU and where
@@ -350,7 +352,7 @@ def box_smooth(volume: torch.Tensor, kernel_size: int, passes: int) -> torch.Ten
     """``passes`` rounds of an odd ``kernel_size`` mean filter along every axis of ``(1, C, I, J, K)``
     (float32), borders replicated: :func:`dinoreg.optim.convex_adam.final_smooth`'s arithmetic."""
     use_torch_threads()
-    first = np.ascontiguousarray(volume[0].detach().numpy(), dtype=np.float32).copy()
+    first = np.array(volume[0].detach().numpy(), dtype=np.float32, order="C")  # a copy: the passes write into it
     second = np.empty_like(first)
     for _ in range(passes):
         for axis in (1, 2, 3):
