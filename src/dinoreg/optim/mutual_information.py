@@ -176,6 +176,17 @@ def sorted_draw(rng: np.random.Generator, size: int, count: int) -> np.ndarray:
     return np.minimum((spacings[:-1] * (size / spacings[-1])).astype(np.int64), size - 1)
 
 
+def flat_field(field: torch.Tensor) -> np.ndarray:
+    """A field ``(1, 3, I, J, K)`` as a float32 numpy view ``(3, I*J*K)`` (components, C-order voxels)."""
+    return field[0].detach().cpu().float().reshape(3, -1).numpy()
+
+
+def field_at(components: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """The field ``components`` ``(3, I*J*K)`` at the C-order voxel indices ``flat``, as ``(N, 3)``
+    contiguous (``np.take``: 4x faster than ``components[:, flat]`` for 40000 sorted indices)."""
+    return np.ascontiguousarray(np.take(components, flat, axis=1).T)
+
+
 # --------------------------------------------------------------------------- torch reference (autograd)
 
 def _parzen_torch(values: torch.Tensor, bins: int) -> torch.Tensor:
@@ -496,12 +507,12 @@ class MutualInformationStage:
         if not pair.fixed_mask.any():
             return previous, {}
         fixed, moving = stage_images(pair)
-        so_far = previous[0].detach().cpu().float().reshape(3, -1).numpy()
+        so_far = flat_field(previous)
         if not self._same_contrast(np.flatnonzero(pair.fixed_mask), so_far, fixed, moving, progress):
             return previous, {"mi_prepare": time.perf_counter() - start}
         if config.base_smoothing > 1:  # the level refines a smoothed field (see MIConfig)
             previous = final_smooth(previous, config.base_smoothing)
-            so_far = previous[0].detach().cpu().float().reshape(3, -1).numpy()
+            so_far = flat_field(previous)
         domain = sample_domain(pair.fixed_mask, config.sample_margin)  # only once the level runs
         cells = cell_shape(shape, config.grid_sp)
         coarse = tuple(p // c for p, c in zip(padded_shape(shape, config.grid_sp), cells))
@@ -518,9 +529,9 @@ class MutualInformationStage:
                 flat = domain[sorted_draw(rng, domain.size, config.samples)]
                 increment = zero_flat(smoothing.smooth(params), shape)
                 # the field so far at the samples, read per draw (not kept for the whole domain: 12
-                # bytes a voxel, 0.4 GB on a 512 x 512 x 300 CT); np.take: 4x faster than [:, flat]
-                base = np.ascontiguousarray(np.take(so_far, flat, axis=1).T)
-                _, grad = gradient(flat, base, increment[0].numpy(), cells, fixed, moving, config.bins)
+                # bytes a voxel, 0.4 GB on a 512 x 512 x 300 CT)
+                _, grad = gradient(flat, field_at(so_far, flat), increment[0].numpy(), cells, fixed, moving,
+                                   config.bins)
                 grad = torch.from_numpy(grad)[None].contiguous()
                 if config.lambda_weight > 0:  # gradients are per sample (times N): so is the regulariser's
                     grad = _add_diffusion(increment, config.lambda_weight * config.samples, grad, fused)
@@ -543,7 +554,7 @@ class MutualInformationStage:
             return True
         rng = np.random.default_rng((self.config.seed, 1))
         flat = foreground[sorted_draw(rng, foreground.size, min(self.config.samples, foreground.size))]
-        rho = intensity_correlation(flat, np.ascontiguousarray(np.take(so_far, flat, axis=1).T), fixed, moving)
+        rho = intensity_correlation(flat, field_at(so_far, flat), fixed, moving)
         if rho >= threshold:
             progress.log(f"mi: intensity rank correlation {rho:.2f} >= {threshold:g}: refining by mutual information")
             return True
