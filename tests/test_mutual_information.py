@@ -246,11 +246,75 @@ def test_base_smoothing_gives_a_smoother_field_nearer_a_smooth_truth(brain_crop)
     truth, inverse = known_warp.random_field(fixed.shape, 6.0, (1.0, 1.0, 1.0), 7, mask, control_mm=40.0)
     moving = known_warp.warp_array(known_warp.remap_intensities(fixed, "gamma", 7), inverse)
     default, smooth = (dinoreg.register(fixed, moving, progress=False, mi_samples=10000, mi_iterations=60,
-                                        **settings).disp
+                                        mi_select_smoothing=0, **settings).disp  # one start: base smoothing alone
                        for settings in ({}, {"mi_base_smoothing": 7, "mi_lr_end": 0.1}))
     epe = [float(np.linalg.norm(d - truth, axis=-1)[mask].mean()) for d in (default, smooth)]
     assert epe[1] < epe[0], epe
     assert sdlogj(smooth) < sdlogj(default)
+
+
+def test_choose_start_keeps_the_higher_recent_mi_and_the_first_on_a_tie():
+    def start(kernel, history):
+        run = mi.LevelStart(torch.zeros(1, 3, 2, 2, 2), kernel, (1, 1, 1), lr=0.1, lr_end=1.0)
+        run.history = list(history)
+        return run
+
+    # only the last ten draws count: the smooth start begins lower and overtakes
+    base, smooth = start(0, [1.0] * 20 + [1.2] * 10), start(9, [0.5] * 20 + [1.3] * 10)
+    assert mi.choose_start([base, smooth], Progress(enabled=False)) is smooth
+    base, smooth = start(0, [1.0] * 10), start(9, [1.0] * 10)
+    assert mi.choose_start([base, smooth], Progress(enabled=False)) is base
+
+
+@pytest.fixture(scope="module")
+def select_fields(brain_crop):
+    """Fields of the default (two starts: the feature field as is, and smoothed by 9 voxels) and
+    of ``mi_select_smoothing=0`` (the first start alone) with the start each default run kept: on
+    the brain crop under a known smooth warp with a monotone contrast change, and on the same crop
+    of the two real dev subjects (an inter-subject pair)."""
+    import dinoreg
+    from conftest import BRAIN_FIXED, load_script
+    from dinoreg.io.images import load_image
+
+    known_warp = load_script("benchmarks/known_warp.py")
+    fixed = (brain_crop / brain_crop.max()).astype(np.float32)
+    mask = fixed > 0.05
+    truth, inverse = known_warp.random_field(fixed.shape, 6.0, (1.0, 1.0, 1.0), 7, mask, control_mm=40.0)
+    synthetic = (fixed, known_warp.warp_array(known_warp.remap_intensities(fixed, "gamma", 7), inverse))
+    subject = np.ascontiguousarray(load_image(BRAIN_FIXED).array[32:128, 48:144, 64:160])
+    kept: list[int] = []
+    choose = mi.choose_start
+
+    def spy(starts, progress):
+        best = choose(starts, progress)
+        kept.append(best.kernel)
+        return best
+
+    out = {"truth": truth, "mask": mask}
+    for name, (f, m) in {"synthetic": synthetic, "real": (subject, brain_crop)}.items():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(mi, "choose_start", spy)
+            default = dinoreg.register(f, m, progress=False, mi_samples=10000, mi_iterations=60).disp
+        one = dinoreg.register(f, m, progress=False, mi_samples=10000, mi_iterations=60,
+                               mi_select_smoothing=0).disp
+        out[name] = (default, one, kept[-1])
+    return out
+
+
+def test_smooth_start_is_kept_where_mi_prefers_it_and_lands_nearer_a_smooth_truth(select_fields):
+    default, one, kept = select_fields["synthetic"]
+    truth, mask = select_fields["truth"], select_fields["mask"]
+    assert kept == 9
+    epe = [float(np.linalg.norm(d - truth, axis=-1)[mask].mean()) for d in (default, one)]
+    assert epe[0] < 0.95 * epe[1], epe
+
+
+def test_real_inter_subject_pair_keeps_the_feature_field_start(select_fields):
+    """On real anatomy MI prefers the start with the feature stages' detail: the default's field
+    is then exactly that of the level with one start."""
+    default, one, kept = select_fields["real"]
+    assert kept == 0
+    np.testing.assert_array_equal(default, one)
 
 
 def test_real_cross_contrast_pair_skips_the_mi_level():

@@ -70,6 +70,14 @@ class ConvexAdamSpec(MethodSpec):
     mi_base_smoothing: int = setting(0, "MI level: when it runs, first smooth the feature stages' field by three "
                                         "passes of this odd mean filter, voxels (0: off; smoother fields, see README)",
                                      low=0, high=31)
+    mi_select_smoothing: int = setting(9, "MI level: a second start, the feature stages' field smoothed by this odd "
+                                          "mean filter (voxels, three passes); both run on the same draws and the "
+                                          "one with the higher MI goes on (0: one start)", low=0, high=31)
+    mi_select_lr_end: float = setting(0.1, "MI level: the second start's learning rate falls geometrically to "
+                                           "mi_lr times this by the last iteration (1: constant)",
+                                      low=0.0, low_open=True, high=1.0)
+    mi_select_iterations: int = setting(30, "MI level: iterations after which the start with the lower MI is dropped "
+                                           "(0: at the end)", low=0, high=100000)
     mi_samples: int = setting(40000, "MI level: random fixed-foreground voxels per iteration", low=100, high=10**7)
     mi_bins: int = setting(32, "MI level: histogram bins per image", low=4, high=256)
     mi_lambda: float = setting(10.0, "MI level: diffusion weight on the increment, relative to -MI", low=0.0, high=1e6)
@@ -109,6 +117,9 @@ def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = (
         stages.append(MutualInformationStage(MIConfig(grid_sp=spec.mi_grid_sp, iterations=spec.mi_iterations,
                                                       samples=spec.mi_samples, lr=spec.mi_lr, lr_end=spec.mi_lr_end,
                                                       bins=spec.mi_bins, base_smoothing=spec.mi_base_smoothing,
+                                                      select_smoothing=spec.mi_select_smoothing,
+                                                      select_lr_end=spec.mi_select_lr_end,
+                                                      select_iterations=spec.mi_select_iterations,
                                                       lambda_weight=spec.mi_lambda,
                                                       min_correlation=spec.mi_min_correlation,
                                                       sample_margin=spec.mi_sample_margin)))

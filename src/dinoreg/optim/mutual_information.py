@@ -78,7 +78,10 @@ class MIConfig:
     :func:`~dinoreg.optim.convex_adam.final_smooth` with this kernel (0: not), so that the level
     refines a smooth field: the feature stages' fine-scale detail, wrong or right, is dropped and
     only what MI recovers comes back (smoother, fewer folds, less accurate on real inter-subject
-    pairs; see the README)."""
+    pairs; see the README). ``select_smoothing``: a second start, the field so far smoothed by
+    this kernel (0: one start) with its own learning-rate end ``select_lr_end``; both starts run
+    on the same draws for ``select_iterations`` iterations (0: all) and the one with the higher MI
+    over those draws' last ten goes on (:func:`choose_start`)."""
 
     grid_sp: int = 3
     iterations: int = 100
@@ -91,6 +94,9 @@ class MIConfig:
     sample_margin: int = 0
     seed: int = 0
     base_smoothing: int = 0
+    select_smoothing: int = 0
+    select_lr_end: float = 1.0
+    select_iterations: int = 0
 
 
 # --------------------------------------------------------------------------- maths shared by both paths
@@ -128,16 +134,19 @@ def sample_domain(fixed_mask: np.ndarray, margin: int) -> np.ndarray:
     a diamond; on a one-slice 2D volume in-plane only), where the level draws its samples. A
     margin lets samples at the brain's edge see whether the moving edge lands on tissue or
     background: without it, a LapIRN T1 pair lost Dice (0.642 -> 0.630)."""
-    grown = np.array(fixed_mask, dtype=bool)
+    # C order: a Fortran-ordered mask (as NIfTI files load) made every step and the C-order
+    # indices 4x slower (0.25 s on a brain); two buffers, not a fresh copy per step
+    grown = np.array(fixed_mask, dtype=bool, order="C")
+    step = np.empty_like(grown)
     for _ in range(margin):  # numpy slices: scipy.ndimage costs 0.3 s of import on every command
-        step = grown.copy()
+        np.copyto(step, grown)
         for axis in range(grown.ndim):
             lower = [slice(None)] * grown.ndim
             upper = [slice(None)] * grown.ndim
             lower[axis], upper[axis] = slice(None, -1), slice(1, None)
             step[tuple(upper)] |= grown[tuple(lower)]
             step[tuple(lower)] |= grown[tuple(upper)]
-        grown = step
+        grown, step = step, grown
     return np.flatnonzero(grown)
 
 
@@ -488,6 +497,46 @@ def stage_images(pair: RegistrationPair) -> tuple[np.ndarray, np.ndarray]:
     return fixed, normalise_intensities(moving, moving_mask)
 
 
+_SELECT_WINDOW = 10  # the starts are compared by their mean MI over this many last shared draws
+
+
+class LevelStart:
+    """One start of the MI level: the field so far smoothed by ``kernel`` (``field``
+    ``(1, 3, I, J, K)`` voxels), its increment's parameters ``(1, 3, h, w, d)`` cells with their
+    Adam state and learning-rate schedule (cells), and the MI of every draw it has seen (nats,
+    before that draw's step)."""
+
+    def __init__(self, field: torch.Tensor, kernel: int, coarse: tuple[int, ...], lr: float, lr_end: float) -> None:
+        self.field, self.kernel = field, kernel
+        self.flat = flat_field(field)
+        self.params = torch.zeros(1, 3, *coarse, dtype=torch.float32)
+        self.optimiser = Adam(self.params, lr=lr)
+        self.lr, self.lr_end = lr, lr_end
+        self.history: list[float] = []
+
+    def step(self, objective, flat: np.ndarray, progress: float) -> None:
+        """One Adam step on the samples ``flat`` at the learning rate for ``progress`` (0 at the
+        first iteration, 1 at the last: ``lr * lr_end ** progress``); ``objective(params, field
+        so far (3, I*J*K), flat) -> (MI, gradient)``."""
+        value, grad = objective(self.params, self.flat, flat)
+        self.history.append(value)
+        self.optimiser.lr = self.lr * self.lr_end ** progress
+        self.optimiser.step(grad)
+
+    def recent_mi(self) -> float:
+        """Mean MI over the last :data:`_SELECT_WINDOW` draws."""
+        return float(np.mean(self.history[-_SELECT_WINDOW:]))
+
+
+def choose_start(starts: list[LevelStart], progress: Progress) -> LevelStart:
+    """The start with the highest :meth:`LevelStart.recent_mi` (the first on a tie). The starts saw
+    the same draws, so the comparison is paired. Logs the choice."""
+    best = max(starts, key=LevelStart.recent_mi)  # max keeps the first of equal keys
+    scores = ", ".join(f"{s.kernel}: {s.recent_mi():.4f}" for s in starts)
+    progress.log(f"mi: start smoothed by {best.kernel} voxels kept (MI by start kernel {scores})")
+    return best
+
+
 class MutualInformationStage:
     """The MI level (:class:`MIConfig`): an increment on ``grid_sp``-voxel cells added to the field
     so far, optimised by Adam on ``-MI`` of random samples of the fixed foreground (dilated by
@@ -510,36 +559,46 @@ class MutualInformationStage:
         so_far = flat_field(previous)
         if not self._same_contrast(np.flatnonzero(pair.fixed_mask), so_far, fixed, moving, progress):
             return previous, {"mi_prepare": time.perf_counter() - start}
-        if config.base_smoothing > 1:  # the level refines a smoothed field (see MIConfig)
-            previous = final_smooth(previous, config.base_smoothing)
-            so_far = flat_field(previous)
         domain = sample_domain(pair.fixed_mask, config.sample_margin)  # only once the level runs
         cells = cell_shape(shape, config.grid_sp)
         coarse = tuple(p // c for p, c in zip(padded_shape(shape, config.grid_sp), cells))
         fused = fused_cpu_for(previous.device, previous.dtype)
         gradient = FusedMIGradient(config.samples, coarse, config.bins) if fused else mi_gradient_torch
         smoothing = ParameterMap(coarse, coarse, torch.device("cpu"))  # the Adam stage's filter, S
-        params = torch.zeros(1, 3, *coarse, dtype=torch.float32)
-        optimiser = Adam(params, lr=config.lr)
+
+        def objective(params: torch.Tensor, so_far_field: np.ndarray, flat: np.ndarray) -> tuple[float, torch.Tensor]:
+            """MI of the samples ``flat`` under ``so_far_field`` (``(3, I*J*K)``) plus ``S(params)``, and
+            the gradient of ``-MI`` (+ the regulariser) with respect to ``params``, times N."""
+            increment = zero_flat(smoothing.smooth(params), shape)
+            # the field so far at the samples, read per draw (not kept for the whole domain: 12
+            # bytes a voxel, 0.4 GB on a 512 x 512 x 300 CT)
+            loss, grad = gradient(flat, field_at(so_far_field, flat), increment[0].numpy(), cells, fixed, moving,
+                                  config.bins)
+            grad = torch.from_numpy(grad)[None].contiguous()
+            if config.lambda_weight > 0:  # gradients are per sample (times N): so is the regulariser's
+                grad = _add_diffusion(increment, config.lambda_weight * config.samples, grad, fused)
+            return -loss, smoothing.smooth_adjoint(grad)
+
+        # each start refines the field so far smoothed by its kernel (see MIConfig)
+        schedules = [(config.base_smoothing, config.lr_end)]
+        if config.select_smoothing:
+            schedules.append((config.select_smoothing, config.select_lr_end))
+        starts = [LevelStart(final_smooth(previous, k), k, coarse, config.lr, end) for k, end in schedules]
+        decide_at = (config.select_iterations or config.iterations) if len(starts) > 1 else -1
         rng = np.random.default_rng(config.seed)
         prep = time.perf_counter() - start
         with progress.stage(self.name, total=config.iterations) as step:
             for it in range(config.iterations):
-                optimiser.lr = config.lr * config.lr_end ** (it / max(config.iterations - 1, 1))
-                flat = domain[sorted_draw(rng, domain.size, config.samples)]
-                increment = zero_flat(smoothing.smooth(params), shape)
-                # the field so far at the samples, read per draw (not kept for the whole domain: 12
-                # bytes a voxel, 0.4 GB on a 512 x 512 x 300 CT)
-                _, grad = gradient(flat, field_at(so_far, flat), increment[0].numpy(), cells, fixed, moving,
-                                   config.bins)
-                grad = torch.from_numpy(grad)[None].contiguous()
-                if config.lambda_weight > 0:  # gradients are per sample (times N): so is the regulariser's
-                    grad = _add_diffusion(increment, config.lambda_weight * config.samples, grad, fused)
-                optimiser.step(smoothing.smooth_adjoint(grad))
+                flat = domain[sorted_draw(rng, domain.size, config.samples)]  # one draw for every start
+                for run in starts:
+                    run.step(objective, flat, it / max(config.iterations - 1, 1))
+                if it + 1 == min(decide_at, config.iterations):
+                    starts = [choose_start(starts, progress)]
                 step(1)
+        kept = starts[0]
         with torch.no_grad():
-            increment = zero_flat(smoothing.smooth(params), shape)
-            disp = previous.cpu() + zero_flat(field_from_cells(increment, shape, config.grid_sp), shape)
+            increment = zero_flat(smoothing.smooth(kept.params), shape)
+            disp = kept.field.cpu() + zero_flat(field_from_cells(increment, shape, config.grid_sp), shape)
         return disp.to(previous.device), {"mi_prepare": prep}
 
     def _same_contrast(self, foreground: np.ndarray, so_far: np.ndarray, fixed: np.ndarray, moving: np.ndarray,
