@@ -30,8 +30,10 @@ call's wall time and process CPU seconds (all threads), the parent the whole pro
 Ratios are against ``elastix4`` on the same case.
 
 Methods: ``dinoreg-<preset>`` (optionally ``dinoreg-<preset>:key=value,key=value`` overrides; the
-default list has ``mind`` (its MI level gated to one contrast), ``dinoreg-mind:mi_iterations=0`` (the
-feature stages alone) and ``dinoreg-mind:mi_min_correlation=-1`` (the MI level on every case)),
+default list has ``mind`` (its MI level on one contrast, checked by edge alignment across contrasts,
+from two starts), ``dinoreg-mind:mi_iterations=0`` (the feature stages alone) and
+``dinoreg-mind:mi_cross_contrast=skip,mi_select_smoothing=0`` (the level as it was before the edge
+check and the second start: one contrast only, one start)),
 ``elastix4`` (itk-elastix default B-spline map: 4 resolutions, AdvancedMattesMutualInformation +
 bending energy, 10 mm final grid, 256 ASGD iterations per level), ``elastix`` (the same, 3 levels),
 ``ants`` (ANTsPy SyN, Mattes MI for the affine and the SyN stage).
@@ -409,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shared", type=Path, default=SHARED)
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "known_warp")
-    p.add_argument("--methods", default=f"dinoreg-mind,dinoreg-mind:mi_iterations=0,dinoreg-mind:mi_min_correlation=-1,"
-                                        f"{REFERENCE},ants",
+    p.add_argument("--methods", default=f"dinoreg-mind,dinoreg-mind:mi_iterations=0,"
+                                        f"dinoreg-mind:mi_cross_contrast=skip+mi_select_smoothing=0,{REFERENCE},ants",
                    help="comma list: dinoreg-<preset>[:key=value+...], elastix4, elastix, ants; "
                         "separate overrides of one dinoreg method with '+'")
     p.add_argument("--cases", default=None, help=f"comma list of {', '.join(CASES)}")

@@ -209,8 +209,10 @@ def test_stage_runs_only_when_both_images_show_one_contrast(brain_crop):
 def test_mind_preset_gates_its_mi_level_by_contrast(brain_crop):
     """The ``mind`` preset on a real brain crop under a known smooth warp: with a monotone
     contrast change its MI level runs and lowers the end-point error below the feature stages'
-    alone; with the contrast inverted it is skipped, so the field is bit-identical to
-    ``mi_iterations=0``."""
+    alone. With the contrast inverted (a function of the fixed intensity, as the known-warp
+    benchmark's ``t2`` remap) the rank correlation is negative: with ``mi_cross_contrast=skip``
+    the level is skipped (the field is bit-identical to ``mi_iterations=0``); by default it runs,
+    aligns the edges better (NGF) and is kept, with a lower error."""
     import dinoreg
     from conftest import load_script
 
@@ -219,16 +221,19 @@ def test_mind_preset_gates_its_mi_level_by_contrast(brain_crop):
     mask = fixed > 0.05
     truth, inverse = known_warp.random_field(fixed.shape, 6.0, (1.0, 1.0, 1.0), 7, mask, control_mm=40.0)
 
-    def fields(remap):
+    def field(remap, **settings):
         moving = known_warp.warp_array(known_warp.remap_intensities(fixed, remap, 7), inverse)
-        return [dinoreg.register(fixed, moving, progress=False, mi_samples=10000, mi_iterations=iterations).disp
-                for iterations in (60, 0)]
+        return dinoreg.register(fixed, moving, progress=False, mi_samples=10000, **settings).disp
 
-    gated, alone = fields("gamma")
-    epe = [float(np.linalg.norm(d - truth, axis=-1)[mask].mean()) for d in (gated, alone)]
-    assert epe[0] < 0.85 * epe[1], epe
-    gated, alone = fields("t2")
-    np.testing.assert_array_equal(gated, alone)
+    def epe(disp):
+        return float(np.linalg.norm(disp - truth, axis=-1)[mask].mean())
+
+    gated, alone = field("gamma", mi_iterations=60), field("gamma", mi_iterations=0)
+    assert epe(gated) < 0.85 * epe(alone), (epe(gated), epe(alone))
+    alone = field("t2", mi_iterations=0)
+    np.testing.assert_array_equal(field("t2", mi_iterations=60, mi_cross_contrast="skip"), alone)
+    checked = field("t2", mi_iterations=60)
+    assert epe(checked) < 0.85 * epe(alone), (epe(checked), epe(alone))
 
 
 def test_base_smoothing_gives_a_smoother_field_nearer_a_smooth_truth(brain_crop):
@@ -317,27 +322,32 @@ def test_real_inter_subject_pair_keeps_the_feature_field_start(select_fields):
     np.testing.assert_array_equal(default, one)
 
 
-def test_real_cross_contrast_pair_skips_the_mi_level():
+def test_real_cross_contrast_pair_keeps_the_field_so_far():
     """BraTS-Reg 002's T1 and T2 of one time point (co-registered by BraTS, so the zero field is
-    right): a real contrast change, rank correlation negative, so the gated level leaves the field
-    so far untouched, before its optional base smoothing too."""
+    right up to BraTS's own residual): a real contrast change, rank correlation negative. Skipped,
+    the level leaves the field so far untouched, before its optional base smoothing too; checked
+    (the default), it runs, its fields align the edges worse (NGF) than the zero field after 10
+    iterations, and the zero field is kept. (On a 120 x 140 x 80 crop of the same pair the check
+    keeps the MI field instead, NGF 0.610 -> 0.634: see the README.)"""
     import nibabel as nib
     from conftest import DATA
 
-    def crop(sequence):
+    def volume(sequence):
         path = DATA / f"bratsreg_002_dirac/BraTSReg_002_00_0000_{sequence}.nii.gz"
-        return np.ascontiguousarray(np.asarray(nib.load(str(path)).dataobj, np.float32)[60:180, 60:200, 40:120])
+        return np.ascontiguousarray(np.asarray(nib.load(str(path)).dataobj, np.float32))
 
-    t1, t2 = crop("t1"), crop("t2")
+    t1, t2 = volume("t1"), volume("t2")
     mask = t1 > 0
-    flat = np.flatnonzero(mask)
+    flat = np.flatnonzero(mask)[::7]
     normalised = mi.normalise_intensities(t1, mask), mi.normalise_intensities(t2, t2 > 0)
     assert mi.intensity_correlation(flat, np.zeros((flat.size, 3), np.float32), *normalised) < 0.0
     pair = RegistrationPair(t1, t2, mask, t2 > 0, None, np.eye(4), (1.0, 1.0, 1.0), torch.device("cpu"))
     so_far = torch.zeros(1, 3, *t1.shape)
-    config = mi.MIConfig(iterations=3, samples=2000, min_correlation=0.5, base_smoothing=5)
-    disp, _ = mi.MutualInformationStage(config).run(pair, so_far, Progress(enabled=False))
-    assert disp is so_far
+    for cross_contrast in ("skip", "check"):
+        config = mi.MIConfig(min_correlation=0.5, sample_margin=3, base_smoothing=5, select_smoothing=9,
+                             select_lr_end=0.1, select_iterations=30, cross_contrast=cross_contrast)
+        disp, _ = mi.MutualInformationStage(config).run(pair, so_far, Progress(enabled=False))
+        assert disp is so_far, cross_contrast
 
 
 def test_optimise_time_counts_each_stage_once(brain_crop):

@@ -78,6 +78,10 @@ class ConvexAdamSpec(MethodSpec):
                                       low=0.0, low_open=True, high=1.0)
     mi_select_iterations: int = setting(30, "MI level: iterations after which the start with the lower MI is dropped "
                                            "(0: at the end)", low=0, high=100000)
+    mi_cross_contrast: str = setting("check", "MI level on a pair of different contrasts (rank correlation below "
+                                            "mi_min_correlation): skip it, or check: run it and keep its field only "
+                                            "if it aligns the edges (NGF) better than the field so far",
+                                     choices=("skip", "check"))
     mi_samples: int = setting(40000, "MI level: random fixed-foreground voxels per iteration", low=100, high=10**7)
     mi_bins: int = setting(32, "MI level: histogram bins per image", low=4, high=256)
     mi_lambda: float = setting(10.0, "MI level: diffusion weight on the increment, relative to -MI", low=0.0, high=1e6)
@@ -120,6 +124,7 @@ def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = (
                                                       select_smoothing=spec.mi_select_smoothing,
                                                       select_lr_end=spec.mi_select_lr_end,
                                                       select_iterations=spec.mi_select_iterations,
+                                                      cross_contrast=spec.mi_cross_contrast,
                                                       lambda_weight=spec.mi_lambda,
                                                       min_correlation=spec.mi_min_correlation,
                                                       sample_margin=spec.mi_sample_margin)))

@@ -57,6 +57,7 @@ from dinoreg.jit import fused_cpu_for, helper, kernel, prange, use_torch_threads
 from dinoreg.optim import cpu_kernels
 from dinoreg.optim.convex_adam import (cell_shape, field_from_cells, final_smooth, padded_shape, warp_moving,
                                        zero_flat)
+from dinoreg.optim.edges import EDGE_SAMPLES, EdgeAlignment
 from dinoreg.optim.instance import Adam, ParameterMap, diffusion_gradient
 from dinoreg.pair import RegistrationPair
 from dinoreg.progress import Progress
@@ -97,6 +98,7 @@ class MIConfig:
     select_smoothing: int = 0
     select_lr_end: float = 1.0
     select_iterations: int = 0
+    cross_contrast: str = "skip"
 
 
 # --------------------------------------------------------------------------- maths shared by both paths
@@ -523,6 +525,12 @@ class LevelStart:
         self.optimiser.lr = self.lr * self.lr_end ** progress
         self.optimiser.step(grad)
 
+    def displacement(self, smoothing: ParameterMap, shape: tuple[int, ...], grid_sp: int) -> torch.Tensor:
+        """The field so far plus this start's increment ``S(params)`` on the image grid, ``(1, 3, I, J, K)`` voxels."""
+        with torch.no_grad():
+            increment = zero_flat(smoothing.smooth(self.params), shape)
+            return self.field.cpu() + zero_flat(field_from_cells(increment, shape, grid_sp), shape)
+
     def recent_mi(self) -> float:
         """Mean MI over the last :data:`_SELECT_WINDOW` draws."""
         return float(np.mean(self.history[-_SELECT_WINDOW:]))
@@ -535,6 +543,20 @@ def choose_start(starts: list[LevelStart], progress: Progress) -> LevelStart:
     scores = ", ".join(f"{s.kernel}: {s.recent_mi():.4f}" for s in starts)
     progress.log(f"mi: start smoothed by {best.kernel} voxels kept (MI by start kernel {scores})")
     return best
+
+
+EDGE_CHECK_ITERATIONS = 10  # on different contrasts, the level stops here when no start has improved the edges
+
+
+def _edges_improve(edges: EdgeAlignment, fields: list[torch.Tensor], when: str, progress: Progress) -> bool:
+    """Whether any of ``fields`` aligns the edges better than the field so far (the reference of
+    ``edges``). Logs the scores and the decision."""
+    scores = [edges.score(field) for field in fields]
+    better = max(scores) > edges.reference_score
+    listed = " / ".join(f"{score:.4f}" for score in scores)
+    progress.log(f"mi: different contrasts: edge alignment (NGF) {edges.reference_score:.4f} before the level, "
+                 f"{listed} {when}: {'better' if better else 'not better, the field so far is kept'}")
+    return better
 
 
 class MutualInformationStage:
@@ -556,8 +578,10 @@ class MutualInformationStage:
         if not pair.fixed_mask.any():
             return previous, {}
         fixed, moving = stage_images(pair)
-        so_far = flat_field(previous)
-        if not self._same_contrast(np.flatnonzero(pair.fixed_mask), so_far, fixed, moving, progress):
+        foreground = np.flatnonzero(pair.fixed_mask)
+        same = self._same_contrast(foreground, flat_field(previous), fixed, moving, progress)
+        if not same and config.cross_contrast != "check":
+            progress.log("mi: different contrasts: MI level skipped")
             return previous, {"mi_prepare": time.perf_counter() - start}
         domain = sample_domain(pair.fixed_mask, config.sample_margin)  # only once the level runs
         cells = cell_shape(shape, config.grid_sp)
@@ -584,7 +608,8 @@ class MutualInformationStage:
         if config.select_smoothing:
             schedules.append((config.select_smoothing, config.select_lr_end))
         starts = [LevelStart(final_smooth(previous, k), k, coarse, config.lr, end) for k, end in schedules]
-        decide_at = (config.select_iterations or config.iterations) if len(starts) > 1 else -1
+        decide_at = min(config.select_iterations or config.iterations, config.iterations) if len(starts) > 1 else -1
+        edges = None if same else self._edge_check(foreground, fixed, moving, previous)
         rng = np.random.default_rng(config.seed)
         prep = time.perf_counter() - start
         with progress.stage(self.name, total=config.iterations) as step:
@@ -592,14 +617,26 @@ class MutualInformationStage:
                 flat = domain[sorted_draw(rng, domain.size, config.samples)]  # one draw for every start
                 for run in starts:
                     run.step(objective, flat, it / max(config.iterations - 1, 1))
-                if it + 1 == min(decide_at, config.iterations):
+                if edges is not None and it + 1 == min(EDGE_CHECK_ITERATIONS, config.iterations - 1):
+                    fields = [run.displacement(smoothing, shape, config.grid_sp) for run in starts]
+                    if not _edges_improve(edges, fields, f"after {it + 1} iterations", progress):
+                        return previous, {"mi_prepare": prep}
+                if it + 1 == decide_at:
                     starts = [choose_start(starts, progress)]
                 step(1)
-        kept = starts[0]
-        with torch.no_grad():
-            increment = zero_flat(smoothing.smooth(kept.params), shape)
-            disp = kept.field.cpu() + zero_flat(field_from_cells(increment, shape, config.grid_sp), shape)
+        disp = starts[0].displacement(smoothing, shape, config.grid_sp)
+        if edges is not None and not _edges_improve(edges, [disp], "after the level", progress):
+            return previous, {"mi_prepare": prep}
         return disp.to(previous.device), {"mi_prepare": prep}
+
+    def _edge_check(self, foreground: np.ndarray, fixed: np.ndarray, moving: np.ndarray,
+                    previous: torch.Tensor) -> EdgeAlignment:
+        """The edge alignment (:class:`~dinoreg.optim.edges.EdgeAlignment`) of one draw of the
+        fixed ``foreground`` (its own random stream) against the field so far ``previous``: the
+        test a pair of different contrasts must pass for the level's field to be kept."""
+        rng = np.random.default_rng((self.config.seed, 2))
+        flat = foreground[sorted_draw(rng, foreground.size, min(EDGE_SAMPLES, foreground.size))]
+        return EdgeAlignment(fixed, moving, flat, previous.cpu())
 
     def _same_contrast(self, foreground: np.ndarray, so_far: np.ndarray, fixed: np.ndarray, moving: np.ndarray,
                        progress: Progress) -> bool:
@@ -614,12 +651,9 @@ class MutualInformationStage:
         rng = np.random.default_rng((self.config.seed, 1))
         flat = foreground[sorted_draw(rng, foreground.size, min(self.config.samples, foreground.size))]
         rho = intensity_correlation(flat, field_at(so_far, flat), fixed, moving)
-        if rho >= threshold:
-            progress.log(f"mi: intensity rank correlation {rho:.2f} >= {threshold:g}: refining by mutual information")
-            return True
-        progress.log(f"mi: intensity rank correlation {rho:.2f} < {threshold:g} (different contrasts): "
-                     "MI level skipped")
-        return False
+        sign = ">=" if rho >= threshold else "<"
+        progress.log(f"mi: intensity rank correlation {rho:.2f} {sign} {threshold:g}")
+        return rho >= threshold
 
 
 def _add_diffusion(field: torch.Tensor, weight: float, out: torch.Tensor, fused: bool) -> torch.Tensor:
