@@ -545,7 +545,7 @@ def choose_start(starts: list[LevelStart], progress: Progress) -> LevelStart:
     return best
 
 
-EDGE_CHECK_ITERATIONS = 10  # on different contrasts, the level stops here when no start has improved the edges
+EDGE_CHECK_ITERATIONS = 10  # on different contrasts, the first start's trial: the level stops after it unless the edges improved
 
 
 def _edges_improve(edges: EdgeAlignment, fields: list[torch.Tensor], when: str, progress: Progress) -> bool:
@@ -603,31 +603,49 @@ class MutualInformationStage:
                 grad = _add_diffusion(increment, config.lambda_weight * config.samples, grad, fused)
             return -loss, smoothing.smooth_adjoint(grad)
 
-        # each start refines the field so far smoothed by its kernel (see MIConfig)
-        schedules = [(config.base_smoothing, config.lr_end)]
-        if config.select_smoothing:
-            schedules.append((config.select_smoothing, config.select_lr_end))
-        starts = [LevelStart(final_smooth(previous, k), k, coarse, config.lr, end) for k, end in schedules]
-        decide_at = min(config.select_iterations or config.iterations, config.iterations) if len(starts) > 1 else -1
         edges = None if same else self._edge_check(foreground, fixed, moving, previous)
-        rng = np.random.default_rng(config.seed)
+        trial = 0 if same else min(EDGE_CHECK_ITERATIONS, config.iterations)
         prep = time.perf_counter() - start
-        with progress.stage(self.name, total=config.iterations) as step:
-            for it in range(config.iterations):
-                flat = domain[sorted_draw(rng, domain.size, config.samples)]  # one draw for every start
-                for run in starts:
-                    run.step(objective, flat, it / max(config.iterations - 1, 1))
-                if edges is not None and it + 1 == min(EDGE_CHECK_ITERATIONS, config.iterations - 1):
-                    fields = [run.displacement(smoothing, shape, config.grid_sp) for run in starts]
-                    if not _edges_improve(edges, fields, f"after {it + 1} iterations", progress):
-                        return previous, {"mi_prepare": prep}
-                if it + 1 == decide_at:
-                    starts = [choose_start(starts, progress)]
-                step(1)
+        with progress.stage(self.name, total=trial + config.iterations) as step:
+            if edges is not None:
+                # on different contrasts, the first start alone for a few iterations first: the level
+                # stops here (its other start never built) unless those already align the edges better
+                first = self._starts(previous, coarse)[:1]
+                self._iterate(first, objective, domain, trial, step, progress)
+                field = first[0].displacement(smoothing, shape, config.grid_sp)
+                if not _edges_improve(edges, [field], f"after {trial} iterations", progress):
+                    return previous, {"mi_prepare": prep}
+            starts = self._iterate(self._starts(previous, coarse), objective, domain, config.iterations, step, progress)
         disp = starts[0].displacement(smoothing, shape, config.grid_sp)
         if edges is not None and not _edges_improve(edges, [disp], "after the level", progress):
             return previous, {"mi_prepare": prep}
         return disp.to(previous.device), {"mi_prepare": prep}
+
+    def _starts(self, previous: torch.Tensor, coarse: tuple[int, ...]) -> list[LevelStart]:
+        """The level's starts: the field so far smoothed by ``base_smoothing`` and, with
+        ``select_smoothing``, by that kernel (see :class:`MIConfig`)."""
+        config = self.config
+        schedules = [(config.base_smoothing, config.lr_end)]
+        if config.select_smoothing:
+            schedules.append((config.select_smoothing, config.select_lr_end))
+        return [LevelStart(final_smooth(previous, k), k, coarse, config.lr, end) for k, end in schedules]
+
+    def _iterate(self, starts: list[LevelStart], objective, domain: np.ndarray, count: int, step,
+                 progress: Progress) -> list[LevelStart]:
+        """``count`` iterations of every start on shared draws of ``domain`` (the level's own random
+        stream from its seed, so every call sees the same draws), keeping the better start after
+        ``select_iterations`` (:func:`choose_start`); returns the starts left."""
+        config = self.config
+        decide_at = min(config.select_iterations or config.iterations, config.iterations) if len(starts) > 1 else -1
+        rng = np.random.default_rng(config.seed)
+        for it in range(count):
+            flat = domain[sorted_draw(rng, domain.size, config.samples)]  # one draw for every start
+            for run in starts:
+                run.step(objective, flat, it / max(config.iterations - 1, 1))
+            if it + 1 == decide_at:
+                starts = [choose_start(starts, progress)]
+            step(1)
+        return starts
 
     def _edge_check(self, foreground: np.ndarray, fixed: np.ndarray, moving: np.ndarray,
                     previous: torch.Tensor) -> EdgeAlignment:
