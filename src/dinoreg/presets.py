@@ -32,7 +32,8 @@ class Preset:
 def _presets() -> dict[str, Preset]:
     items = [
         Preset("mind", "MIND-SSC + ConvexAdam tuned for CPU (the reference settings with 50 Adam iterations), "
-                       "then a mutual-information level on the intensities when both images show one contrast",
+                       "then a mutual-information level on the intensities (kept across contrasts only if it aligns the "
+                       "edges better)",
                RegistrationSpec(ConvexAdamSpec(), (MindSpec(),))),
         Preset("convexadam", "MIND-SSC + ConvexAdam with the convexadam 0.2.0 package's defaults (80 iterations, "
                              "no MI level)",

@@ -12,13 +12,21 @@ error (see the README).
 But on *real* cross-contrast pairs MI's optimum is off too, and further than MIND's: on BraTS-Reg
 T1 and T2 of one time point (co-registered by BraTS), a field found from scratch moves the brain by
 0.64 mm on average with MIND and 1.38 mm with this level (elastix: 1.69 mm), and a known warp of
-the T2 is recovered with a mean error of 1.02 mm by MIND, 1.59 mm with this level. So the level
-runs only when the fixed intensities and the moving ones under the field so far are clearly
-positively rank-correlated (``min_correlation``; the dev pairs: 0.70-0.99 for one contrast, at
-most 0.14 across contrasts): the same contrast, where MI is exact up to noise. A gate on how well
-the fixed intensity predicts the moving one (the correlation ratio) was tried and dropped: it lets
-the known-warp benchmark's synthetic remaps through (0.73-0.97), but a real BraTS T1/T2 slice
-reaches 0.66 and MI made it worse (README).
+the T2 is recovered with a mean error of 1.02 mm by MIND, 1.25 mm with this level. So the level's
+field is kept at once only when the fixed intensities and the moving ones under the field so far
+are clearly positively rank-correlated (``min_correlation``; the dev pairs: 0.70-0.99 for one
+contrast, at most 0.14 across contrasts): the same contrast, where MI is exact up to noise. Across
+contrasts (``cross_contrast``) the level is skipped, or run and kept only if it aligns the images'
+edges better than the field so far (squared NGF, :mod:`dinoreg.optim.edges`): that keeps it on the
+known-warp benchmark's synthetic remaps (exact functions of the fixed intensity) and rejects it on
+every real cross-contrast pair measured (README). A gate on how well the fixed intensity predicts
+the moving one (the correlation ratio) was tried and dropped: a real BraTS T1/T2 slice reaches
+0.66, near the synthetic remaps' 0.73-0.97, and MI made it worse.
+
+Two starts (``select_smoothing``): the level refines the field so far as it is and smoothed; after
+``select_iterations`` the start with the higher MI on the shared draws goes on. MI prefers the
+detailed start on real inter-subject pairs (its detail is anatomy) and the smooth one on smooth
+known warps (its detail is noise), and in both cases picks the more accurate field (README).
 
 The method is Mattes et al.'s MI with stochastic sampling (elastix's default metric): each
 iteration draws ``samples`` voxels of the fixed foreground (dilated by ``sample_margin``) at
@@ -562,7 +570,9 @@ def _edges_improve(edges: EdgeAlignment, fields: list[torch.Tensor], when: str, 
 class MutualInformationStage:
     """The MI level (:class:`MIConfig`): an increment on ``grid_sp``-voxel cells added to the field
     so far, optimised by Adam on ``-MI`` of random samples of the fixed foreground (dilated by
-    ``sample_margin``), when the two images show one contrast (``min_correlation``)."""
+    ``sample_margin``), from one or two starts (``select_smoothing``). When the two images show one
+    contrast (``min_correlation``) its field is kept; otherwise it is skipped or, with
+    ``cross_contrast="check"``, kept only if it aligns the edges better (:mod:`dinoreg.optim.edges`)."""
 
     name = "mi"
 
@@ -610,7 +620,7 @@ class MutualInformationStage:
             if edges is not None:
                 # on different contrasts, the first start alone for a few iterations first: the level
                 # stops here (its other start never built) unless those already align the edges better
-                first = self._starts(previous, coarse)[:1]
+                first = self._starts(previous, coarse, first_only=True)
                 self._iterate(first, objective, domain, trial, step, progress)
                 field = first[0].displacement(smoothing, shape, config.grid_sp)
                 if not _edges_improve(edges, [field], f"after {trial} iterations", progress):
@@ -621,12 +631,12 @@ class MutualInformationStage:
             return previous, {"mi_prepare": prep}
         return disp.to(previous.device), {"mi_prepare": prep}
 
-    def _starts(self, previous: torch.Tensor, coarse: tuple[int, ...]) -> list[LevelStart]:
+    def _starts(self, previous: torch.Tensor, coarse: tuple[int, ...], first_only: bool = False) -> list[LevelStart]:
         """The level's starts: the field so far smoothed by ``base_smoothing`` and, with
-        ``select_smoothing``, by that kernel (see :class:`MIConfig`)."""
+        ``select_smoothing`` (unless ``first_only``), by that kernel (see :class:`MIConfig`)."""
         config = self.config
         schedules = [(config.base_smoothing, config.lr_end)]
-        if config.select_smoothing:
+        if config.select_smoothing and not first_only:
             schedules.append((config.select_smoothing, config.select_lr_end))
         return [LevelStart(final_smooth(previous, k), k, coarse, config.lr, end) for k, end in schedules]
 
