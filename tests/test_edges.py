@@ -43,3 +43,12 @@ def test_a_two_dimensional_pair_has_no_gradient_across_its_flat_axis(brain_crop)
     truth[:, 1] = -3.0
     edges = EdgeAlignment(fixed, moving, _samples(fixed > 0.05), zero)
     assert 0.0 <= edges.reference_score < edges.score(truth) <= 1.0
+
+
+def test_a_constant_moving_image_scores_zero_without_nan(brain_crop):
+    """No edges in the moving image: every score is 0 (no NaN from a zero eps), so no candidate
+    field can look better than another."""
+    fixed = (brain_crop / brain_crop.max()).astype(np.float32)
+    zero = torch.zeros(1, 3, *fixed.shape)
+    edges = EdgeAlignment(fixed, np.full_like(fixed, 0.5), _samples(fixed > 0.05), zero)
+    assert edges.reference_score == 0.0 and edges.score(zero + 1.0) == 0.0

@@ -56,7 +56,10 @@ def _gradients(values_at: Callable[[np.ndarray], np.ndarray], flat: np.ndarray, 
 
 
 def _normalised(gradients: np.ndarray, eps: float) -> np.ndarray:
-    return gradients / np.sqrt((gradients ** 2).sum(1, keepdims=True) + eps * eps)
+    """``gradients`` ``(N, 3)`` divided by ``sqrt(|g|^2 + eps^2)`` (0 where the image is flat and
+    ``eps`` is 0: a constant image has no edges to align)."""
+    norm = np.sqrt((gradients ** 2).sum(1, keepdims=True) + eps * eps)
+    return np.divide(gradients, norm, out=np.zeros_like(gradients), where=norm > 0)
 
 
 class EdgeAlignment:
