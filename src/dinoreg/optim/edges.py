@@ -37,22 +37,12 @@ def _trilinear(volume: torch.Tensor, points: np.ndarray) -> np.ndarray:
         return sample(volume[None, None], coords)[0, 0, :, 0, 0].numpy()
 
 
-def _neighbours(flat: np.ndarray, shape: tuple[int, ...], axis: int, step: int) -> np.ndarray:
-    """C-order indices of ``flat``'s neighbours ``step`` voxels along ``axis``, clamped to the grid."""
+def _neighbours(flat: np.ndarray, shape: tuple[int, ...], axis: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """C-order indices ``(N,)`` of ``flat``'s neighbours ``step`` voxels along ``axis``, clamped to
+    the grid, and their voxel coordinates ``(N, 3)`` (int64)."""
     coords = list(np.unravel_index(flat, shape))
     coords[axis] = np.clip(coords[axis] + step, 0, shape[axis] - 1)
-    return np.ravel_multi_index(tuple(coords), shape)
-
-
-def _gradients(values_at: Callable[[np.ndarray], np.ndarray], flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Central differences ``(N, 3)`` of an image given as ``values_at(indices) -> (N,)`` at the
-    C-order voxels ``flat``; 0 along an axis of one voxel."""
-    out = np.zeros((flat.size, 3), np.float32)
-    for axis, n in enumerate(shape):
-        if n > 1:
-            out[:, axis] = (values_at(_neighbours(flat, shape, axis, 1))
-                            - values_at(_neighbours(flat, shape, axis, -1))) * 0.5
-    return out
+    return np.ravel_multi_index(tuple(coords), shape), np.stack(coords, 1)
 
 
 def _normalised(gradients: np.ndarray, eps: float) -> np.ndarray:
@@ -64,15 +54,18 @@ def _normalised(gradients: np.ndarray, eps: float) -> np.ndarray:
 
 class EdgeAlignment:
     """The squared NGF of ``fixed`` against ``moving`` warped by candidate fields, over the samples
-    ``flat`` (C-order indices into the fixed grid). The fixed side and both ``eps`` are computed
-    once, ``eps`` of the warped image under ``reference`` (the field candidates are compared
-    with), whose score is :attr:`reference_score`. Scores are in ``[0, 1]``; higher means
-    better-aligned edges."""
+    ``flat`` (C-order indices into the fixed grid). The samples' neighbours, the fixed side and both
+    ``eps`` are computed once, ``eps`` of the warped image under ``reference`` (the field candidates
+    are compared with), whose score is :attr:`reference_score`. Scores are in ``[0, 1]``; higher
+    means better-aligned edges."""
 
     def __init__(self, fixed: np.ndarray, moving: np.ndarray, flat: np.ndarray, reference: torch.Tensor) -> None:
-        self.shape, self.flat = fixed.shape, flat
+        self.count = flat.size
+        # per axis of 2+ voxels (a 2D image's flat axis has no gradient): the +1 and -1 neighbours
+        self.axes = [(axis, _neighbours(flat, fixed.shape, axis, 1), _neighbours(flat, fixed.shape, axis, -1))
+                     for axis, n in enumerate(fixed.shape) if n > 1]
         fixed_flat = np.ascontiguousarray(fixed, np.float32).ravel()
-        grad_f = _gradients(lambda idx: fixed_flat[idx], flat, self.shape)
+        grad_f = self._gradients(lambda index, coords: fixed_flat[index])
         self.fixed_normals = _normalised(grad_f, EPS_FRACTION * float(np.median(np.linalg.norm(grad_f, axis=1))))
         self.moving = torch.from_numpy(np.ascontiguousarray(moving, np.float32))
         grad_w = self._warped_gradients(reference)
@@ -83,14 +76,18 @@ class EdgeAlignment:
         """The score of ``field`` ``(1, 3, I, J, K)`` (voxels, pull-back)."""
         return self._score(self._warped_gradients(field))
 
+    def _gradients(self, values_at: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+        """Central differences ``(N, 3)`` at the samples of an image given as ``values_at(indices,
+        coordinates) -> (N,)`` at the neighbours; 0 along an axis of one voxel."""
+        out = np.zeros((self.count, 3), np.float32)
+        for axis, plus, minus in self.axes:
+            out[:, axis] = (values_at(*plus) - values_at(*minus)) * 0.5
+        return out
+
     def _warped_gradients(self, field: torch.Tensor) -> np.ndarray:
+        """Central differences of ``W(x) = M(x + u(x))`` at the samples, ``u`` = ``field``."""
         components = field[0].detach().cpu().float().reshape(3, -1).numpy()
-        shape = self.shape
-
-        def warped_at(idx: np.ndarray) -> np.ndarray:
-            return _trilinear(self.moving, np.stack(np.unravel_index(idx, shape), 1) + components[:, idx].T)
-
-        return _gradients(warped_at, self.flat, shape)
+        return self._gradients(lambda index, coords: _trilinear(self.moving, coords + components[:, index].T))
 
     def _score(self, grad_w: np.ndarray) -> float:
         return float(((self.fixed_normals * _normalised(grad_w, self.eps)).sum(1) ** 2).mean())
