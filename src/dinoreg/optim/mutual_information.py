@@ -556,14 +556,13 @@ def choose_start(starts: list[LevelStart], progress: Progress) -> LevelStart:
 EDGE_CHECK_ITERATIONS = 10  # on different contrasts, the first start's trial: the level stops after it unless the edges improved
 
 
-def _edges_improve(edges: EdgeAlignment, fields: list[torch.Tensor], when: str, progress: Progress) -> bool:
-    """Whether any of ``fields`` aligns the edges better than the field so far (the reference of
+def _edges_improve(edges: EdgeAlignment, field: torch.Tensor, when: str, progress: Progress) -> bool:
+    """Whether ``field`` aligns the edges better than the field so far (the reference of
     ``edges``). Logs the scores and the decision."""
-    scores = [edges.score(field) for field in fields]
-    better = max(scores) > edges.reference_score
-    listed = " / ".join(f"{score:.4f}" for score in scores)
+    score = edges.score(field)
+    better = score > edges.reference_score
     progress.log(f"mi: different contrasts: edge alignment (NGF) {edges.reference_score:.4f} before the level, "
-                 f"{listed} {when}: {'better' if better else 'not better, the field so far is kept'}")
+                 f"{score:.4f} {when}: {'better' if better else 'not better, the field so far is kept'}")
     return better
 
 
@@ -615,46 +614,56 @@ class MutualInformationStage:
 
         edges = None if same else self._edge_check(foreground, fixed, moving, previous)
         trial = 0 if same else min(EDGE_CHECK_ITERATIONS, config.iterations)
+        schedules = self._schedules()
+        starts = [self._start(previous, coarse, *schedules[0])]
         prep = time.perf_counter() - start
-        with progress.stage(self.name, total=trial + config.iterations) as step:
+        with progress.stage(self.name, total=config.iterations) as step:
             if edges is not None:
                 # on different contrasts, the first start alone for a few iterations first: the level
                 # stops here (its other start never built) unless those already align the edges better
-                first = self._starts(previous, coarse, first_only=True)
-                self._iterate(first, objective, domain, trial, step, progress)
-                field = first[0].displacement(smoothing, shape, config.grid_sp)
-                if not _edges_improve(edges, [field], f"after {trial} iterations", progress):
+                self._iterate(starts, objective, domain, trial, step, progress)
+                field = starts[0].displacement(smoothing, shape, config.grid_sp)
+                if not _edges_improve(edges, field, f"after {trial} iterations", progress):
                     return previous, {"mi_prepare": prep}
-            starts = self._iterate(self._starts(previous, coarse), objective, domain, config.iterations, step, progress)
+            starts += [self._start(previous, coarse, *schedule) for schedule in schedules[1:]]
+            starts = self._iterate(starts, objective, domain, config.iterations, step, progress)
         disp = starts[0].displacement(smoothing, shape, config.grid_sp)
-        if edges is not None and not _edges_improve(edges, [disp], "after the level", progress):
+        if edges is not None and not _edges_improve(edges, disp, "after the level", progress):
             return previous, {"mi_prepare": prep}
         return disp.to(previous.device), {"mi_prepare": prep}
 
-    def _starts(self, previous: torch.Tensor, coarse: tuple[int, ...], first_only: bool = False) -> list[LevelStart]:
-        """The level's starts: the field so far smoothed by ``base_smoothing`` and, with
-        ``select_smoothing`` (unless ``first_only``), by that kernel (see :class:`MIConfig`)."""
+    def _schedules(self) -> list[tuple[int, float]]:
+        """``(smoothing kernel, learning-rate end)`` of each start: the field so far smoothed by
+        ``base_smoothing`` and, with ``select_smoothing``, by that kernel (see :class:`MIConfig`)."""
         config = self.config
         schedules = [(config.base_smoothing, config.lr_end)]
-        if config.select_smoothing and not first_only:
+        if config.select_smoothing:
             schedules.append((config.select_smoothing, config.select_lr_end))
-        return [LevelStart(final_smooth(previous, k), k, coarse, config.lr, end) for k, end in schedules]
+        return schedules
+
+    def _start(self, previous: torch.Tensor, coarse: tuple[int, ...], kernel: int, lr_end: float) -> LevelStart:
+        """A start from the field so far ``previous`` smoothed by ``kernel`` (0: as it is)."""
+        return LevelStart(final_smooth(previous, kernel), kernel, coarse, self.config.lr, lr_end)
 
     def _iterate(self, starts: list[LevelStart], objective, domain: np.ndarray, count: int, step,
                  progress: Progress) -> list[LevelStart]:
-        """``count`` iterations of every start on shared draws of ``domain`` (the level's own random
-        stream from its seed, so every call sees the same draws), keeping the better start after
-        ``select_iterations`` (:func:`choose_start`); returns the starts left."""
+        """The first ``count`` draws of ``domain`` (the level's own random stream from its seed, the
+        same in every call), each taken by every start that has not yet seen it (a start that ran
+        the trial joins the others at its next draw, so the draws stay shared), keeping the better
+        start after ``select_iterations`` (:func:`choose_start`); returns the starts left."""
         config = self.config
         decide_at = min(config.select_iterations or config.iterations, config.iterations) if len(starts) > 1 else -1
+        seen = max(len(run.history) for run in starts)  # iterations already on the progress bar
         rng = np.random.default_rng(config.seed)
         for it in range(count):
             flat = domain[sorted_draw(rng, domain.size, config.samples)]  # one draw for every start
             for run in starts:
-                run.step(objective, flat, it / max(config.iterations - 1, 1))
+                if len(run.history) == it:
+                    run.step(objective, flat, it / max(config.iterations - 1, 1))
             if it + 1 == decide_at:
                 starts = [choose_start(starts, progress)]
-            step(1)
+            if it >= seen:
+                step(1)
         return starts
 
     def _edge_check(self, foreground: np.ndarray, fixed: np.ndarray, moving: np.ndarray,
