@@ -326,7 +326,7 @@ def test_real_cross_contrast_pair_keeps_the_field_so_far():
     """BraTS-Reg 002's T1 and T2 of one time point (co-registered by BraTS, so the zero field is
     right up to BraTS's own residual): a real contrast change, rank correlation negative. Skipped,
     the level leaves the field so far untouched, before its optional base smoothing too; checked
-    (the default), it runs, its fields align the edges worse (NGF) than the zero field after 10
+    (the default), its first start's field aligns the edges worse (NGF) than the zero field after 10
     iterations, and the zero field is kept. (On a 120 x 140 x 80 crop of the same pair the check
     keeps the MI field instead, NGF 0.610 -> 0.634: see the README.)"""
     import nibabel as nib
