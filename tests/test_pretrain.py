@@ -14,6 +14,7 @@ from dinoreg.errors import DinoregError
 from dinoreg.features.vit3d import Dino3DEncoder, ViT3DConfig
 from dinoreg.pretrain.augment import AugmentConfig, foreground_points, make_batch
 from dinoreg.pretrain.data import list_volumes, load_volumes, preprocess, shrink
+from dinoreg.preprocess import Intensity, normalise
 from dinoreg.pretrain.dino import block_mask
 from dinoreg.pretrain.train import PretrainConfig, pretrain
 
@@ -76,7 +77,15 @@ def test_preprocess_ct_window_and_mr_percentile():
     assert np.allclose(preprocess(ct, ct_window=(50, 400))[:, 0, 0], [0, 0, 0.5, 1, 1])
     mr = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
     out = preprocess(mr, mr_percentile=90.0)
-    assert out.min() == 0 and out.max() == 1 and np.isclose(out.reshape(-1)[450], 450 / 899.1, atol=1e-3)
+    # registration's rule: the percentile of the non-zero voxels (1..999: 899.2, not 899.1 over all), lower bound 0
+    assert out.min() == 0 and out.max() == 1 and np.isclose(out.reshape(-1)[450], 450 / 899.2, atol=1e-5)
+    assert np.array_equal(out, normalise(mr, Intensity("auto", (50.0, 400.0), 90.0)))
+
+
+def test_preprocess_names_a_constant_volume():
+    with pytest.raises(DinoregError, match="constant") as err:
+        preprocess(np.full((8, 8, 8), 3.0), name="flat.nii.gz")
+    assert "flat.nii.gz" in str(err.value)
 
 
 def test_augmentation_is_seeded_and_shaped():

@@ -3,9 +3,10 @@
 :func:`list_volumes` finds images in a folder (recursively: NIfTI, MHA/MHD, NRRD and DICOM
 series folders) or in a Learn2Reg ``dataset.json``; files whose name or folder (relative to
 the given root) has a ``seg``/``label(s)``/``mask(s)`` token are skipped - pretraining never reads
-labels. :func:`preprocess` maps intensities to ``[0, 1]``: CT (values that look like Hounsfield
-units, i.e. a minimum below -500) through a window ``level +- width/2``; anything else (MR, US)
-clipped between its minimum and a high percentile (99.5 by default; DINO-Reg uses 97).
+labels. :func:`preprocess` maps intensities to ``[0, 1]`` by the rule registration applies to its inputs
+(:func:`dinoreg.preprocess.normalise`): CT (Hounsfield-looking: the 1st percentile below -500)
+through a window ``level +- width/2``; anything else (MR, US) clipped at a high percentile of its
+non-zero voxels (99.5 by default; DINO-Reg uses 97).
 :func:`load_volumes` reads, scales and, when a volume has more than ``max_voxels`` voxels,
 shrinks it by area averaging, keeping everything in memory as float32 tensors ``(I, J, K)``.
 """
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from dinoreg.errors import DinoregError
 from dinoreg.io.images import ITK_SUFFIXES, NIFTI_SUFFIXES, Image, load_image
+from dinoreg.preprocess import Intensity, normalise
 
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 EXCLUDE_PATTERN = r"(labels?|segs?|segmentations?|masks?)(tr|ts|val)?"
@@ -162,29 +164,20 @@ def load_label_maps(paths: Sequence[Path], max_voxels: int = 2 ** 24, min_size: 
     return out
 
 
-def looks_like_ct(array: np.ndarray) -> bool:
-    """True when intensities look like Hounsfield units (air below -500)."""
-    return float(array.min()) < -500.0
-
-
 def preprocess(array: np.ndarray, ct_window: tuple[float, float] = (50.0, 400.0),
-               mr_percentile: float = 99.5) -> np.ndarray:
-    """Scale a volume to ``[0, 1]`` (float32).
+               mr_percentile: float = 99.5, name: str = "<array>") -> np.ndarray:
+    """Scale a volume to ``[0, 1]`` (float32) by the rule registration applies to its inputs
+    (:func:`dinoreg.preprocess.normalise` with ``modality="auto"``), so the encoder is trained on
+    what it will see: CT (Hounsfield-looking) by the window ``(level, width)``, anything else
+    clipped at the ``mr_percentile`` of its non-zero voxels. A constant volume is rejected
+    (:class:`DinoregError` naming ``name``).
 
     Args:
         array: intensities ``(I, J, K)``.
-        ct_window: ``(level, width)`` in HU for CT-looking volumes (50/400: abdominal soft tissue).
-        mr_percentile: upper clipping percentile for other volumes (lower bound: the minimum).
+        ct_window: ``(level, width)`` in HU (50/400: abdominal soft tissue).
+        mr_percentile: upper clipping percentile for other volumes.
     """
-    a = np.asarray(array, dtype=np.float32)
-    if looks_like_ct(a):
-        level, width = ct_window
-        lo, hi = level - width / 2.0, level + width / 2.0
-    else:
-        lo, hi = float(a.min()), float(np.percentile(a, mr_percentile))
-    if hi <= lo:
-        return np.zeros_like(a)
-    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return normalise(np.asarray(array), Intensity("auto", tuple(ct_window), mr_percentile), name)
 
 
 def shrink(volume: torch.Tensor, max_voxels: int) -> torch.Tensor:
@@ -212,7 +205,7 @@ def load_volumes(paths: list[Path], ct_window: tuple[float, float] = (50.0, 400.
         if min(image.shape) < min_size:
             warnings.warn(f"{path}: skipped, shape {image.shape} has an axis shorter than {min_size}")
             continue
-        vol = torch.from_numpy(preprocess(image.array, ct_window, mr_percentile))
+        vol = torch.from_numpy(preprocess(image.array, ct_window, mr_percentile, str(path)))
         out.append(shrink(vol, max_voxels).contiguous())
     if not out:
         raise DinoregError(f"no usable volume among {len(paths)} files (all smaller than {min_size} voxels)")
