@@ -109,6 +109,12 @@ def _shifted(padded: torch.Tensor, offset: tuple[int, int, int], pad: int,
     return padded[:, :, sl[0], sl[1], sl[2]]
 
 
+def _concat(blocks: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """The channel blocks joined along ``dim``; one block as it is (``torch.cat`` would copy it:
+    a whole feature volume of fresh memory on a 3D pair)."""
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim)
+
+
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps_scale: float = 1e-3,
              pool: int = 1, far_2d: int = 0, far_radius_2d: int = 2) -> torch.Tensor:
     """MIND-SSC descriptor of a volume, optionally average-pooled.
@@ -140,10 +146,10 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps_scale:
     if any(flat) and far_2d > 0:
         blocks.append((_offsets(far_pairs_2d(flat, int(far_2d))), far_radius_2d))
     if fused_cpu(image):
-        parts = [torch.cat([_mind_ssc_fused(volume[0].numpy(), r, 0, eps_scale, pool, offsets)
-                            for offsets, r in blocks]) for volume in image]
+        parts = [_concat([_mind_ssc_fused(volume[0].numpy(), r, 0, eps_scale, pool, offsets)
+                          for offsets, r in blocks]) for volume in image]
         return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
-    out = torch.cat([_mind_ssc_torch(image, r, 0, eps_scale, offsets) for offsets, r in blocks], 1)
+    out = _concat([_mind_ssc_torch(image, r, 0, eps_scale, offsets) for offsets, r in blocks], 1)
     if pool <= 1:
         return out
     if any(flat):

@@ -122,7 +122,7 @@ def coupled_convex(cost: torch.Tensor, shape: tuple[int, int, int], disp_hw: Hal
     candidates = displacement_candidates(disp_hw, cost.device).to(cost.dtype)  # (3, L)
     cand_sq = candidates.pow(2).sum(0)  # (L,)
     # ties (flat background: every candidate costs the same) go to the smallest displacement
-    tie_break = 1e-6 * float(cost.abs().mean()) + 1e-12
+    tie_break = 1e-6 * float(cost.mean()) + 1e-12  # SSD costs are >= 0: the mean of |cost| without a copy
     field = torch.zeros(1, 3, *shape, dtype=cost.dtype, device=cost.device)
     for coeff in (0.0, *coupling):
         # coeff * ||c - f||^2 = coeff * (|c|^2 - 2 c.f) + const(f): the constant leaves the argmin

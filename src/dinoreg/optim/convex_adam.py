@@ -33,7 +33,7 @@ from dinoreg.optim.convex import ConvexConfig, convex_optimise
 from dinoreg.optim.instance import InstanceConfig, InstanceOptimiser
 from dinoreg.pair import RegistrationPair
 from dinoreg.progress import Progress
-from dinoreg.spatial.grid import compose, resize_field, sample, warp
+from dinoreg.spatial.grid import compose, interpolate_field, sample, warp
 
 
 Cell = int | tuple[int, ...]
@@ -131,8 +131,11 @@ def field_to_cells(disp: torch.Tensor, image_shape: tuple[int, int, int], cell: 
 def field_from_cells(disp: torch.Tensor, image_shape: tuple[int, int, int], cell: Cell) -> torch.Tensor:
     """A cell-unit field back to voxels on the image grid (trilinear, cell-centred)."""
     padded = padded_shape(image_shape, cell)
-    full = resize_field(disp, padded, align_corners=False)
-    return full[:, :, :image_shape[0], :image_shape[1], :image_shape[2]].contiguous()
+    if tuple(disp.shape[2:]) == tuple(padded):
+        return disp[:, :, :image_shape[0], :image_shape[1], :image_shape[2]].contiguous()
+    full, scale = interpolate_field(disp, padded, align_corners=False)
+    # scaling the cropped view writes the one contiguous result (no scaled copy of the padding)
+    return (full[:, :, :image_shape[0], :image_shape[1], :image_shape[2]] * scale).contiguous()
 
 
 def final_smooth(disp: torch.Tensor, kernel: int) -> torch.Tensor:

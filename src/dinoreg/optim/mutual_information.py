@@ -537,7 +537,8 @@ class LevelStart:
         """The field so far plus this start's increment ``S(params)`` on the image grid, ``(1, 3, I, J, K)`` voxels."""
         with torch.no_grad():
             increment = zero_flat(smoothing.smooth(self.params), shape)
-            return self.field.cpu() + zero_flat(field_from_cells(increment, shape, grid_sp), shape)
+            # added into the fresh upsampled increment (the same sum as field + increment, no third field)
+            return zero_flat(field_from_cells(increment, shape, grid_sp), shape).add_(self.field.cpu())
 
     def recent_mi(self) -> float:
         """Mean MI over the last :data:`_SELECT_WINDOW` draws."""

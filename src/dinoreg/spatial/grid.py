@@ -105,16 +105,25 @@ def resize_field(disp: torch.Tensor, shape: tuple[int, ...], align_corners: bool
     The field is interpolated (trilinear, cell-centred by default) and its vectors scaled by
     the ratio of grid sizes, so that it stays in voxel units of the new grid.
     """
-    src = tuple(disp.shape[2:])
-    if src == tuple(shape):
+    if tuple(disp.shape[2:]) == tuple(shape):
         return disp
+    out, scale = interpolate_field(disp, shape, align_corners)
+    return out.mul_(scale) if not out.requires_grad else out * scale  # in place: no second full-size field
+
+
+def interpolate_field(disp: torch.Tensor, shape: tuple[int, ...], align_corners: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`resize_field` in two parts: the field interpolated onto ``shape`` with its vectors
+    still in the old grid's voxels, and the per-component factor ``(1, C, 1, ...)`` that brings
+    them to the new grid's (a caller that crops the result scales only what it keeps)."""
+    src = tuple(disp.shape[2:])
     mode = "trilinear" if len(shape) == 3 else "bilinear"
     out = F.interpolate(disp, size=tuple(shape), mode=mode, align_corners=align_corners)
     if align_corners:
         scale = [(n - 1) / max(s - 1, 1) for n, s in zip(shape, src)]
     else:
         scale = [n / s for n, s in zip(shape, src)]
-    return out * torch.tensor(scale, dtype=out.dtype, device=out.device).view(1, -1, *([1] * len(shape)))
+    return out, torch.tensor(scale, dtype=out.dtype, device=out.device).view(1, -1, *([1] * len(shape)))
 
 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
