@@ -88,9 +88,10 @@ class MIConfig:
     refines a smooth field: the feature stages' fine-scale detail, wrong or right, is dropped and
     only what MI recovers comes back (smoother, fewer folds, less accurate on real inter-subject
     pairs; see the README). ``select_smoothing``: a second start, the field so far smoothed by
-    this kernel (0: one start) with its own learning-rate end ``select_lr_end``; both starts run
-    on the same draws for ``select_iterations`` iterations (0: all) and the one with the higher MI
-    over those draws' last ten goes on (:func:`choose_start`)."""
+    this kernel (0: one start) with its own learning-rate end ``select_lr_end`` and its increment
+    on cells of ``select_grid_sp`` voxels (0: ``grid_sp``); both starts run on the same draws for
+    ``select_iterations`` iterations (0: all) and the one with the higher MI over those draws'
+    last ten goes on (:func:`choose_start`)."""
 
     grid_sp: int = 3
     iterations: int = 100
@@ -105,6 +106,7 @@ class MIConfig:
     base_smoothing: int = 0
     select_smoothing: int = 0
     select_lr_end: float = 1.0
+    select_grid_sp: int = 0
     select_iterations: int = 0
     cross_contrast: str = "skip"
 
@@ -510,35 +512,67 @@ def stage_images(pair: RegistrationPair) -> tuple[np.ndarray, np.ndarray]:
 _SELECT_WINDOW = 10  # the starts are compared by their mean MI over this many last shared draws
 
 
+class IncrementGrid:
+    """The MI level's increment on cells of ``grid_sp`` voxels of an image of ``shape``: its
+    parameter grid ``coarse``, the Adam stage's filter ``S`` on it, and the objective
+    (:meth:`objective`) with its gradient buffers. ``fixed``, ``moving``: ``(I, J, K)`` in ``[0, 1]``."""
+
+    def __init__(self, config: MIConfig, grid_sp: int, shape: tuple[int, ...], fixed: np.ndarray,
+                 moving: np.ndarray, fused: bool) -> None:
+        self.config, self.grid_sp, self.shape = config, grid_sp, shape
+        self.fixed, self.moving, self.fused = fixed, moving, fused
+        self.cells = cell_shape(shape, grid_sp)
+        self.coarse = tuple(p // c for p, c in zip(padded_shape(shape, grid_sp), self.cells))
+        self.smoothing = ParameterMap(self.coarse, self.coarse, torch.device("cpu"))
+        self.gradient = FusedMIGradient(config.samples, self.coarse, config.bins) if fused else mi_gradient_torch
+
+    def objective(self, params: torch.Tensor, so_far_field: np.ndarray, flat: np.ndarray) -> tuple[float, torch.Tensor]:
+        """MI of the samples ``flat`` under ``so_far_field`` (``(3, I*J*K)``) plus ``S(params)``, and
+        the gradient of ``-MI`` (+ the regulariser) with respect to ``params``, times N."""
+        config, shape = self.config, self.shape
+        increment = zero_flat(self.smoothing.smooth(params), shape)
+        # the field so far at the samples, read per draw (not kept for the whole domain: 12
+        # bytes a voxel, 0.4 GB on a 512 x 512 x 300 CT)
+        loss, grad = self.gradient(flat, field_at(so_far_field, flat), increment[0].numpy(), self.cells,
+                                   self.fixed, self.moving, config.bins)
+        grad = torch.from_numpy(grad)[None].contiguous()
+        if config.lambda_weight > 0:  # gradients are per sample (times N): so is the regulariser's
+            grad = _add_diffusion(increment, config.lambda_weight * config.samples, grad, self.fused)
+        return -loss, self.smoothing.smooth_adjoint(grad)
+
+    def displacement(self, field: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """``field`` ``(1, 3, I, J, K)`` voxels plus the increment ``S(params)`` on the image grid."""
+        with torch.no_grad():
+            increment = zero_flat(self.smoothing.smooth(params), self.shape)
+            # added into the fresh upsampled increment (the same sum as field + increment, no third field)
+            return zero_flat(field_from_cells(increment, self.shape, self.grid_sp), self.shape).add_(field.cpu())
+
+
 class LevelStart:
     """One start of the MI level: the field so far smoothed by ``kernel`` (``field``
-    ``(1, 3, I, J, K)`` voxels), its increment's parameters ``(1, 3, h, w, d)`` cells with their
-    Adam state and learning-rate schedule (cells), and the MI of every draw it has seen (nats,
-    before that draw's step)."""
+    ``(1, 3, I, J, K)`` voxels), its increment's parameters ``(1, 3, h, w, d)`` on ``grid``'s cells
+    with their Adam state and learning-rate schedule (cells), and the MI of every draw it has seen
+    (nats, before that draw's step)."""
 
-    def __init__(self, field: torch.Tensor, kernel: int, coarse: tuple[int, ...], lr: float, lr_end: float) -> None:
-        self.field, self.kernel = field, kernel
+    def __init__(self, field: torch.Tensor, kernel: int, grid: IncrementGrid, lr: float, lr_end: float) -> None:
+        self.field, self.kernel, self.grid = field, kernel, grid
         self.flat = flat_field(field)
-        self.params = torch.zeros(1, 3, *coarse, dtype=torch.float32)
+        self.params = torch.zeros(1, 3, *grid.coarse, dtype=torch.float32)
         self.optimiser = Adam(self.params, lr=lr)
         self.lr, self.lr_end = lr, lr_end
         self.history: list[float] = []
 
-    def step(self, objective, flat: np.ndarray, progress: float) -> None:
+    def step(self, flat: np.ndarray, progress: float) -> None:
         """One Adam step on the samples ``flat`` at the learning rate for ``progress`` (0 at the
-        first iteration, 1 at the last: ``lr * lr_end ** progress``); ``objective(params, field
-        so far (3, I*J*K), flat) -> (MI, gradient)``."""
-        value, grad = objective(self.params, self.flat, flat)
+        first iteration, 1 at the last: ``lr * lr_end ** progress``)."""
+        value, grad = self.grid.objective(self.params, self.flat, flat)
         self.history.append(value)
         self.optimiser.lr = self.lr * self.lr_end ** progress
         self.optimiser.step(grad)
 
-    def displacement(self, smoothing: ParameterMap, shape: tuple[int, ...], grid_sp: int) -> torch.Tensor:
-        """The field so far plus this start's increment ``S(params)`` on the image grid, ``(1, 3, I, J, K)`` voxels."""
-        with torch.no_grad():
-            increment = zero_flat(smoothing.smooth(self.params), shape)
-            # added into the fresh upsampled increment (the same sum as field + increment, no third field)
-            return zero_flat(field_from_cells(increment, shape, grid_sp), shape).add_(self.field.cpu())
+    def displacement(self) -> torch.Tensor:
+        """The field so far plus this start's increment on the image grid, ``(1, 3, I, J, K)`` voxels."""
+        return self.grid.displacement(self.field, self.params)
 
     def recent_mi(self) -> float:
         """Mean MI over the last :data:`_SELECT_WINDOW` draws."""
@@ -594,59 +628,47 @@ class MutualInformationStage:
             progress.log("mi: different contrasts: MI level skipped")
             return previous, {"mi_prepare": time.perf_counter() - start}
         domain = sample_domain(pair.fixed_mask, config.sample_margin)  # only once the level runs
-        cells = cell_shape(shape, config.grid_sp)
-        coarse = tuple(p // c for p, c in zip(padded_shape(shape, config.grid_sp), cells))
         fused = fused_cpu_for(previous.device, previous.dtype)
-        gradient = FusedMIGradient(config.samples, coarse, config.bins) if fused else mi_gradient_torch
-        smoothing = ParameterMap(coarse, coarse, torch.device("cpu"))  # the Adam stage's filter, S
+        grids: dict[int, IncrementGrid] = {}  # one per cell size, shared by the starts that use it
 
-        def objective(params: torch.Tensor, so_far_field: np.ndarray, flat: np.ndarray) -> tuple[float, torch.Tensor]:
-            """MI of the samples ``flat`` under ``so_far_field`` (``(3, I*J*K)``) plus ``S(params)``, and
-            the gradient of ``-MI`` (+ the regulariser) with respect to ``params``, times N."""
-            increment = zero_flat(smoothing.smooth(params), shape)
-            # the field so far at the samples, read per draw (not kept for the whole domain: 12
-            # bytes a voxel, 0.4 GB on a 512 x 512 x 300 CT)
-            loss, grad = gradient(flat, field_at(so_far_field, flat), increment[0].numpy(), cells, fixed, moving,
-                                  config.bins)
-            grad = torch.from_numpy(grad)[None].contiguous()
-            if config.lambda_weight > 0:  # gradients are per sample (times N): so is the regulariser's
-                grad = _add_diffusion(increment, config.lambda_weight * config.samples, grad, fused)
-            return -loss, smoothing.smooth_adjoint(grad)
+        def start_from(kernel: int, lr_end: float, grid_sp: int) -> LevelStart:
+            """A start from the field so far smoothed by ``kernel`` (0: as it is), its increment on
+            ``grid_sp``-voxel cells."""
+            if grid_sp not in grids:
+                grids[grid_sp] = IncrementGrid(config, grid_sp, shape, fixed, moving, fused)
+            return LevelStart(final_smooth(previous, kernel), kernel, grids[grid_sp], config.lr, lr_end)
 
         edges = None if same else self._edge_check(foreground, fixed, moving, previous)
         trial = 0 if same else min(EDGE_CHECK_ITERATIONS, config.iterations)
         schedules = self._schedules()
-        starts = [self._start(previous, coarse, *schedules[0])]
+        starts = [start_from(*schedules[0])]
         prep = time.perf_counter() - start
         with progress.stage(self.name, total=config.iterations) as step:
             if edges is not None:
                 # on different contrasts, the first start alone for a few iterations first: the level
                 # stops here (its other start never built) unless those already align the edges better
-                self._iterate(starts, objective, domain, trial, step, progress)
-                field = starts[0].displacement(smoothing, shape, config.grid_sp)
-                if not _edges_improve(edges, field, f"after {trial} iterations", progress):
+                self._iterate(starts, domain, trial, step, progress)
+                if not _edges_improve(edges, starts[0].displacement(), f"after {trial} iterations", progress):
                     return previous, {"mi_prepare": prep}
-            starts += [self._start(previous, coarse, *schedule) for schedule in schedules[1:]]
-            starts = self._iterate(starts, objective, domain, config.iterations, step, progress)
-        disp = starts[0].displacement(smoothing, shape, config.grid_sp)
+            starts += [start_from(*schedule) for schedule in schedules[1:]]
+            starts = self._iterate(starts, domain, config.iterations, step, progress)
+        disp = starts[0].displacement()
         if edges is not None and not _edges_improve(edges, disp, "after the level", progress):
             return previous, {"mi_prepare": prep}
         return disp.to(previous.device), {"mi_prepare": prep}
 
-    def _schedules(self) -> list[tuple[int, float]]:
-        """``(smoothing kernel, learning-rate end)`` of each start: the field so far smoothed by
-        ``base_smoothing`` and, with ``select_smoothing``, by that kernel (see :class:`MIConfig`)."""
+    def _schedules(self) -> list[tuple[int, float, int]]:
+        """``(smoothing kernel, learning-rate end, cell size)`` of each start: the field so far
+        smoothed by ``base_smoothing`` with its increment on ``grid_sp`` cells and, with
+        ``select_smoothing``, smoothed by that kernel with its increment on ``select_grid_sp``
+        cells (see :class:`MIConfig`)."""
         config = self.config
-        schedules = [(config.base_smoothing, config.lr_end)]
+        schedules = [(config.base_smoothing, config.lr_end, config.grid_sp)]
         if config.select_smoothing:
-            schedules.append((config.select_smoothing, config.select_lr_end))
+            schedules.append((config.select_smoothing, config.select_lr_end, config.select_grid_sp or config.grid_sp))
         return schedules
 
-    def _start(self, previous: torch.Tensor, coarse: tuple[int, ...], kernel: int, lr_end: float) -> LevelStart:
-        """A start from the field so far ``previous`` smoothed by ``kernel`` (0: as it is)."""
-        return LevelStart(final_smooth(previous, kernel), kernel, coarse, self.config.lr, lr_end)
-
-    def _iterate(self, starts: list[LevelStart], objective, domain: np.ndarray, count: int, step,
+    def _iterate(self, starts: list[LevelStart], domain: np.ndarray, count: int, step,
                  progress: Progress) -> list[LevelStart]:
         """The first ``count`` draws of ``domain`` (the level's own random stream from its seed, the
         same in every call), each taken by every start that has not yet seen it (a start that ran
@@ -660,7 +682,7 @@ class MutualInformationStage:
             flat = domain[sorted_draw(rng, domain.size, config.samples)]  # one draw for every start
             for run in starts:
                 if len(run.history) == it:
-                    run.step(objective, flat, it / max(config.iterations - 1, 1))
+                    run.step(flat, it / max(config.iterations - 1, 1))
             if it + 1 == decide_at:
                 starts = [choose_start(starts, progress)]
             if it >= seen:
