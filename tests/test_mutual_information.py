@@ -4,6 +4,8 @@ contrast change."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -260,7 +262,7 @@ def test_base_smoothing_gives_a_smoother_field_nearer_a_smooth_truth(brain_crop)
 
 def test_choose_start_keeps_the_higher_recent_mi_and_the_first_on_a_tie():
     def start(kernel, history):
-        run = mi.LevelStart(torch.zeros(1, 3, 2, 2, 2), kernel, (1, 1, 1), lr=0.1, lr_end=1.0)
+        run = mi.LevelStart(torch.zeros(1, 3, 2, 2, 2), kernel, SimpleNamespace(coarse=(1, 1, 1)), lr=0.1, lr_end=1.0)
         run.history = list(history)
         return run
 
@@ -273,7 +275,8 @@ def test_choose_start_keeps_the_higher_recent_mi_and_the_first_on_a_tie():
 
 @pytest.fixture(scope="module")
 def select_fields(brain_crop):
-    """Fields of the default (two starts: the feature field as is, and smoothed by 9 voxels) and
+    """Fields of the default (two starts: the feature field as is with its increment on 3-voxel
+    cells, and smoothed by 9 voxels with its increment on 4-voxel cells) and
     of ``mi_select_smoothing=0`` (the first start alone) with the start each default run kept: on
     the brain crop under a known smooth warp with a monotone contrast change, and on the same crop
     of the two real dev subjects (an inter-subject pair)."""
@@ -288,11 +291,13 @@ def select_fields(brain_crop):
     synthetic = (fixed, known_warp.warp_array(known_warp.remap_intensities(fixed, "gamma", 7), inverse))
     subject = np.ascontiguousarray(load_image(BRAIN_FIXED).array[32:128, 48:144, 64:160])
     kept: list[int] = []
+    grids: list[list[int]] = []
     choose = mi.choose_start
 
     def spy(starts, progress):
         best = choose(starts, progress)
         kept.append(best.kernel)
+        grids.append([start.grid.grid_sp for start in starts])
         return best
 
     out = {"truth": truth, "mask": mask}
@@ -303,6 +308,7 @@ def select_fields(brain_crop):
         one = dinoreg.register(f, m, progress=False, mi_samples=10000, mi_iterations=60,
                                mi_select_smoothing=0).disp
         out[name] = (default, one, kept[-1])
+    out["grids"] = grids
     return out
 
 
@@ -310,6 +316,7 @@ def test_smooth_start_is_kept_where_mi_prefers_it_and_lands_nearer_a_smooth_trut
     default, one, kept = select_fields["synthetic"]
     truth, mask = select_fields["truth"], select_fields["mask"]
     assert kept == 9
+    assert select_fields["grids"][0] == [3, 4]  # the smooth start's increment on its own, coarser cells
     epe = [float(np.linalg.norm(d - truth, axis=-1)[mask].mean()) for d in (default, one)]
     assert epe[0] < 0.95 * epe[1], epe
 

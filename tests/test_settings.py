@@ -81,6 +81,8 @@ def test_flat_values_are_coerced_and_recorded():
     ("mi_base_smoothing", -1, "'mi_base_smoothing' must be an integer >= 0"),
     ("mi_select_smoothing", 32, "'mi_select_smoothing'"),
     ("mi_select_lr_end", 0, "'mi_select_lr_end'"),
+    ("mi_select_grid_sp", 33, "'mi_select_grid_sp'"),
+    ("mi_select_grid_sp", -1, "'mi_select_grid_sp'"),
     ("mi_select_iterations", -1, "'mi_select_iterations' must be an integer >= 0"),
     ("mi_cross_contrast", "always", "'mi_cross_contrast' must be one of skip, check"),
     ("ic", "maybe", "'ic' must be true or false"),

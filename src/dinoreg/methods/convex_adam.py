@@ -76,6 +76,8 @@ class ConvexAdamSpec(MethodSpec):
     mi_select_lr_end: float = setting(0.1, "MI level: the second start's learning rate falls geometrically to "
                                            "mi_lr times this by the last iteration (1: constant)",
                                       low=0.0, low_open=True, high=1.0)
+    mi_select_grid_sp: int = setting(4, "MI level: the second start's increment on cells of this many voxels (0: "
+                                        "mi_grid_sp)", low=0, high=32)
     mi_select_iterations: int = setting(30, "MI level: iterations after which the start with the lower MI is dropped "
                                            "(0: at the end)", low=0, high=100000)
     mi_cross_contrast: str = setting("check", "MI level on a pair of different contrasts (rank correlation below "
@@ -123,6 +125,7 @@ def convex_adam_stages(spec: ConvexAdamSpec, encoders: Sequence[EncoderSpec] = (
                                                       bins=spec.mi_bins, base_smoothing=spec.mi_base_smoothing,
                                                       select_smoothing=spec.mi_select_smoothing,
                                                       select_lr_end=spec.mi_select_lr_end,
+                                                      select_grid_sp=spec.mi_select_grid_sp,
                                                       select_iterations=spec.mi_select_iterations,
                                                       cross_contrast=spec.mi_cross_contrast,
                                                       lambda_weight=spec.mi_lambda,
