@@ -23,8 +23,10 @@ every real cross-contrast pair measured (README). A gate on how well the fixed i
 the moving one (the correlation ratio) was tried and dropped: a real BraTS T1/T2 slice reaches
 0.66, near the synthetic remaps' 0.73-0.97, and MI made it worse.
 
-Two starts (``select_smoothing``): the level refines the field so far as it is and smoothed; after
-``select_iterations`` the start with the higher MI on the shared draws goes on. MI prefers the
+Two starts (``select_smoothing``): the level refines the field so far as it is and smoothed, the
+smooth start's increment on its own, coarser cells (``select_grid_sp``: each start owns an
+:class:`IncrementGrid`); after ``select_iterations`` the start with the higher MI on the shared
+draws goes on. MI prefers the
 detailed start on real inter-subject pairs (its detail is anatomy) and the smooth one on smooth
 known warps (its detail is noise), and in both cases picks the more accurate field (README).
 
