@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dinoreg.spatial.grid import sample
+from dinoreg.spatial.grid import flat_field, sample
 
 EDGE_SAMPLES = 200_000  # voxels per comparison: ~30 ms a field on a brain, the same scores as all voxels to 1e-3
 EPS_FRACTION = 0.1  # eps = this times the median gradient magnitude (see the README for 0.25-1)
@@ -86,7 +86,7 @@ class EdgeAlignment:
 
     def _warped_gradients(self, field: torch.Tensor) -> np.ndarray:
         """Central differences of ``W(x) = M(x + u(x))`` at the samples, ``u`` = ``field``."""
-        components = field[0].detach().cpu().float().reshape(3, -1).numpy()
+        components = flat_field(field)
         return self._gradients(lambda index, coords: _trilinear(self.moving, coords + components[:, index].T))
 
     def _score(self, grad_w: np.ndarray) -> float:

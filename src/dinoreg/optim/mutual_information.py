@@ -71,6 +71,7 @@ from dinoreg.optim.edges import EDGE_SAMPLES, EdgeAlignment
 from dinoreg.optim.instance import Adam, ParameterMap, diffusion_gradient
 from dinoreg.pair import RegistrationPair
 from dinoreg.progress import Progress
+from dinoreg.spatial.grid import flat_field
 
 _TINY = 1e-12
 _PERCENTILE_STRIDE = 5  # percentiles of every 5th value: the same to ~1e-3, five times faster
@@ -197,11 +198,6 @@ def sorted_draw(rng: np.random.Generator, size: int, count: int) -> np.ndarray:
     order statistics of uniforms, from cumulative exponential spacings: no sort)."""
     spacings = np.cumsum(rng.standard_exponential(count + 1))
     return np.minimum((spacings[:-1] * (size / spacings[-1])).astype(np.int64), size - 1)
-
-
-def flat_field(field: torch.Tensor) -> np.ndarray:
-    """A field ``(1, 3, I, J, K)`` as a float32 numpy view ``(3, I*J*K)`` (components, C-order voxels)."""
-    return field[0].detach().cpu().float().reshape(3, -1).numpy()
 
 
 def field_at(components: np.ndarray, flat: np.ndarray) -> np.ndarray:
@@ -531,8 +527,8 @@ class IncrementGrid:
     def objective(self, params: torch.Tensor, so_far_field: np.ndarray, flat: np.ndarray) -> tuple[float, torch.Tensor]:
         """MI of the samples ``flat`` under ``so_far_field`` (``(3, I*J*K)``) plus ``S(params)``, and
         the gradient of ``-MI`` (+ the regulariser) with respect to ``params``, times N."""
-        config, shape = self.config, self.shape
-        increment = zero_flat(self.smoothing.smooth(params), shape)
+        config = self.config
+        increment = self._increment(params)
         # the field so far at the samples, read per draw (not kept for the whole domain: 12
         # bytes a voxel, 0.4 GB on a 512 x 512 x 300 CT)
         loss, grad = self.gradient(flat, field_at(so_far_field, flat), increment[0].numpy(), self.cells,
@@ -545,9 +541,13 @@ class IncrementGrid:
     def displacement(self, field: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """``field`` ``(1, 3, I, J, K)`` voxels plus the increment ``S(params)`` on the image grid."""
         with torch.no_grad():
-            increment = zero_flat(self.smoothing.smooth(params), self.shape)
+            increment = field_from_cells(self._increment(params), self.shape, self.grid_sp)
             # added into the fresh upsampled increment (the same sum as field + increment, no third field)
-            return zero_flat(field_from_cells(increment, self.shape, self.grid_sp), self.shape).add_(field.cpu())
+            return zero_flat(increment, self.shape).add_(field.cpu())
+
+    def _increment(self, params: torch.Tensor) -> torch.Tensor:
+        """``S(params)`` ``(1, 3, h, w, d)`` cells, the component along an axis of one voxel zeroed."""
+        return zero_flat(self.smoothing.smooth(params), self.shape)
 
 
 class LevelStart:

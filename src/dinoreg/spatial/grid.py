@@ -12,6 +12,7 @@ Conventions (see DESIGN.md):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -108,7 +109,7 @@ def resize_field(disp: torch.Tensor, shape: tuple[int, ...], align_corners: bool
     if tuple(disp.shape[2:]) == tuple(shape):
         return disp
     out, scale = interpolate_field(disp, shape, align_corners)
-    return out.mul_(scale) if not out.requires_grad else out * scale  # in place: no second full-size field
+    return out.mul_(scale)  # in place (autograd allows it: interpolation keeps no output): no second full-size field
 
 
 def interpolate_field(disp: torch.Tensor, shape: tuple[int, ...], align_corners: bool = False
@@ -133,6 +134,11 @@ def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     i.e. ``u(p) = first(p) + second(p + first(p))``.
     """
     return first + warp(second, first, mode="bilinear", padding_mode="border")
+
+
+def flat_field(field: torch.Tensor) -> np.ndarray:
+    """A field ``(1, 3, I, J, K)`` as a float32 numpy view ``(3, I*J*K)`` (components, C-order voxels)."""
+    return field[0].detach().cpu().float().reshape(3, -1).numpy()
 
 
 def field_to_numpy(disp: torch.Tensor):
