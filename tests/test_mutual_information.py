@@ -41,12 +41,12 @@ def _problem(shape, coarse, seed=0):
     moving = ((moving - moving.min()) / (moving.max() - moving.min())).astype(np.float32)
     fixed = np.clip(np.abs(1.4 * moving[::-1] - 0.6), 0, 1).astype(np.float32)  # a non-monotone remap
     flat = np.sort(rng.integers(0, int(np.prod(shape)), 700))
-    base = (rng.standard_normal((flat.size, 3)) * 0.8).astype(np.float32)
+    so_far = (rng.standard_normal((3, int(np.prod(shape)))) * 0.8).astype(np.float32)  # the field so far
     increment = (rng.standard_normal((3, *coarse)) * 0.4).astype(np.float32)
     if 1 in shape:  # 2D: nothing moves along the flat axis
-        base[..., shape.index(1)] = 0.0
+        so_far[shape.index(1)] = 0.0
         increment[shape.index(1)] = 0.0
-    return flat, base, increment, fixed, moving
+    return flat, so_far, increment, fixed, moving
 
 
 @pytest.mark.skipif(not jit.available(), reason="numba missing")

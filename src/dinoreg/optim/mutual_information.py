@@ -324,30 +324,42 @@ def _lerp3(v: np.ndarray, x0: int, x1: int, y0: int, y1: int, z0: int, z1: int, 
 
 
 @kernel
-def _sample_pair(flat: np.ndarray, base: np.ndarray, coarse: np.ndarray, cells: np.ndarray,
+def _sample_pair(flat: np.ndarray, so_far: np.ndarray, coarse: np.ndarray, cells: np.ndarray,
                  fixed: np.ndarray, moving: np.ndarray, points: np.ndarray, fixed_values: np.ndarray,
-                 values: np.ndarray, gradients: np.ndarray) -> None:
-    """For each sample (``flat``: C-order indices into the fixed grid, ``base`` ``(N, 3)``: the
-    field so far there, voxels), its voxel ``p`` into ``points`` ``(N, 3)``, the fixed intensity
-    there into ``fixed_values``, the moving
-    intensity at ``p + base + increment(p)`` into ``values`` ``(N,)`` and its spatial derivative
-    (voxels) into ``gradients`` ``(N, 3)``. ``coarse`` ``(3, h, w, d)``: the increment in cells,
-    cell-centred, trilinear, border-clamped. Both images share the fixed grid."""
+                 positions: np.ndarray, values: np.ndarray, gradients: np.ndarray) -> None:
+    """For each sample (``flat``: C-order indices into the fixed grid; ``so_far`` ``(3, I*J*K)``:
+    the field so far, voxels, read at the sample), its voxel ``p`` into ``points`` ``(N, 3)``, the
+    fixed intensity there into ``fixed_values``, ``p + so_far(p) + increment(p)`` into
+    ``positions`` ``(N, 3)`` (float64 voxels), the moving intensity there into ``values`` ``(N,)``
+    and its spatial derivative (voxels) into ``gradients`` ``(N, 3)``. ``coarse`` ``(3, h, w, d)``:
+    the increment in cells, cell-centred, trilinear, border-clamped. Both images share the
+    fixed grid.
+
+    Three loops, not one: the reads at scattered voxels (the field so far and the fixed image,
+    then the moving image's eight corners) miss the cache, and short loop bodies let the CPU
+    overlap many samples' misses (1.5x faster on a brain than one long body, same values)."""
     _, h, w, d = coarse.shape
     size_j, size_k = moving.shape[1], moving.shape[2]
+    fixed_flat = fixed.reshape(-1)
     for s in prange(flat.shape[0]):
         index = flat[s]
         i, j, k = index // (size_j * size_k), (index // size_k) % size_j, index % size_k
         points[s, 0], points[s, 1], points[s, 2] = i, j, k
+        positions[s, 0] = i + so_far[0, index]
+        positions[s, 1] = j + so_far[1, index]
+        positions[s, 2] = k + so_far[2, index]
+        fixed_values[s] = fixed_flat[index]
+    for s in prange(flat.shape[0]):
+        i, j, k = points[s, 0], points[s, 1], points[s, 2]
         x0, fx, _ = _axis((i + 0.5) / cells[0] - 0.5, h)
         y0, fy, _ = _axis((j + 0.5) / cells[1] - 0.5, w)
         z0, fz, _ = _axis((k + 0.5) / cells[2] - 0.5, d)
         x1, y1, z1 = _upper(x0, h), _upper(y0, w), _upper(z0, d)
-        vi = _lerp3(coarse[0], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[0]
-        vj = _lerp3(coarse[1], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[1]
-        vk = _lerp3(coarse[2], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[2]
-        fixed_values[s] = fixed[i, j, k]
-        m, di, dj, dk = _trilinear(moving, i + base[s, 0] + vi, j + base[s, 1] + vj, k + base[s, 2] + vk)
+        positions[s, 0] += _lerp3(coarse[0], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[0]
+        positions[s, 1] += _lerp3(coarse[1], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[1]
+        positions[s, 2] += _lerp3(coarse[2], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[2]
+    for s in prange(flat.shape[0]):
+        m, di, dj, dk = _trilinear(moving, positions[s, 0], positions[s, 1], positions[s, 2])
         values[s] = m
         gradients[s, 0], gradients[s, 1], gradients[s, 2] = di, dj, dk
 
@@ -454,6 +466,7 @@ class FusedMIGradient:
         chunks = _CHUNKS
         self.points = np.empty((samples, 3), np.int32)
         self.fixed_values = np.empty(samples, np.float32)
+        self.positions = np.empty((samples, 3), np.float64)
         self.values = np.empty(samples, np.float32)
         self.gradients = np.empty((samples, 3), np.float32)
         self.hist = np.zeros((chunks, bins, bins), np.float64)
@@ -461,18 +474,19 @@ class FusedMIGradient:
         self.slabs = np.zeros((chunks, 2), np.int64)
         self.total = np.zeros((3, *coarse), np.float32)
 
-    def __call__(self, flat: np.ndarray, base: np.ndarray, increment: np.ndarray,
+    def __call__(self, flat: np.ndarray, so_far: np.ndarray, increment: np.ndarray,
                  cell: tuple[int, ...], fixed: np.ndarray, moving: np.ndarray, bins: int) -> tuple[float, np.ndarray]:
         """``-MI`` of the samples and its gradient with respect to ``increment`` ``(3, h, w, d)``
         (cells), times the sample count (per-sample sums, so Adam's ``eps`` sits below real
-        gradients); ``flat`` the samples' C-order indices into the fixed grid, ``base`` ``(N, 3)``
-        the field so far there (voxels), ``fixed`` and ``moving`` ``(I, J, K)`` in ``[0, 1]``, the rest as for
+        gradients); ``flat`` the samples' C-order indices into the fixed grid, ``so_far``
+        ``(3, I*J*K)`` the field so far (voxels; read at the samples inside the kernel, no gathered
+        copy), ``fixed`` and ``moving`` ``(I, J, K)`` in ``[0, 1]``, the rest as for
         :func:`mi_loss_torch` (float32 numpy arrays)."""
         use_torch_threads()
         cells = np.asarray(cell, np.float64)
         points, fixed_values = self.points, self.fixed_values
-        _sample_pair(flat, base, increment, cells, fixed, moving, points, fixed_values, self.values,
-                     self.gradients)
+        _sample_pair(flat, so_far, increment, cells, fixed, moving, points, fixed_values, self.positions,
+                     self.values, self.gradients)
         self.hist.fill(0.0)
         _joint_histogram(fixed_values, self.values, self.hist)
         joint = self.hist.sum(0)
@@ -482,14 +496,14 @@ class FusedMIGradient:
         return -mutual_information(joint), self.total  # a kept buffer: valid until the next call
 
 
-def mi_gradient_torch(flat: np.ndarray, base: np.ndarray, increment: np.ndarray,
+def mi_gradient_torch(flat: np.ndarray, so_far: np.ndarray, increment: np.ndarray,
                       cell: tuple[int, ...], fixed: np.ndarray, moving: np.ndarray, bins: int
                       ) -> tuple[float, np.ndarray]:
     """``-MI`` of the samples and its gradient with respect to ``increment`` (cells), times the
     sample count, through :func:`mi_loss_torch` and autograd (the reference of
-    :class:`FusedMIGradient`)."""
+    :class:`FusedMIGradient`, same arguments)."""
     points = torch.from_numpy(np.stack(np.unravel_index(flat, moving.shape), 1).astype(np.float32))
-    base_at = torch.from_numpy(np.ascontiguousarray(base, np.float32))
+    base_at = torch.from_numpy(field_at(so_far, flat))
     leaf = torch.from_numpy(np.array(increment, np.float32))[None].requires_grad_(True)
     loss = mi_loss_torch(points, _sample_torch(torch.from_numpy(fixed), points), base_at, leaf, tuple(cell),
                          torch.from_numpy(moving), bins)
@@ -529,10 +543,8 @@ class IncrementGrid:
         the gradient of ``-MI`` (+ the regulariser) with respect to ``params``, times N."""
         config = self.config
         increment = self._increment(params)
-        # the field so far at the samples, read per draw (not kept for the whole domain: 12
-        # bytes a voxel, 0.4 GB on a 512 x 512 x 300 CT)
-        loss, grad = self.gradient(flat, field_at(so_far_field, flat), increment[0].numpy(), self.cells,
-                                   self.fixed, self.moving, config.bins)
+        loss, grad = self.gradient(flat, so_far_field, increment[0].numpy(), self.cells, self.fixed, self.moving,
+                                   config.bins)
         grad = torch.from_numpy(grad)[None].contiguous()
         if config.lambda_weight > 0:  # gradients are per sample (times N): so is the regulariser's
             grad = _add_diffusion(increment, config.lambda_weight * config.samples, grad, self.fused)
