@@ -118,15 +118,18 @@ def test_resize_matrix_is_interpolate():
                                atol=1e-4, rtol=1e-5)
 
 
-def test_adam_matches_torch_optim():
+@pytest.mark.parametrize("shape,dtype", [((10,), torch.float32), ((1, 3, 4, 5, 6), torch.float32),
+                                         ((1, 3, 4, 5, 6), torch.float64)])
+def test_adam_matches_torch_optim(shape, dtype):
+    """The fused CPU step (float32) and the torch ops (other dtypes, GPU) against torch.optim.Adam."""
     gen = torch.Generator().manual_seed(2)
-    ours = torch.randn(10, generator=gen)
+    ours = torch.randn(shape, generator=gen, dtype=dtype)
     theirs = ours.clone().requires_grad_(True)
     mine = instance.Adam(ours, lr=0.5, eps=1e-4)
     reference = torch.optim.Adam([theirs], lr=0.5, eps=1e-4)
     for _ in range(5):
-        grad = torch.randn(10, generator=gen)
-        mine.step(grad)
+        grad = torch.randn(shape, generator=gen, dtype=dtype)
+        mine.step(grad.transpose(0, -1).contiguous().transpose(0, -1))  # a non-contiguous gradient too
         theirs.grad = grad.clone()
         reference.step()
     torch.testing.assert_close(ours, theirs.detach(), atol=1e-6, rtol=1e-6)

@@ -53,21 +53,23 @@ def displacement_candidates(disp_hw: HalfWidth, device: torch.device | str = "cp
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), 0).reshape(3, -1)
 
 
-def ssd_cost_volume(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp_hw: HalfWidth) -> torch.Tensor:
+def ssd_cost_volume(feat_fix: torch.Tensor, feat_mov: torch.Tensor, disp_hw: HalfWidth,
+                    reuse: torch.Tensor | None = None) -> torch.Tensor:
     """Box-filtered SSD between each fixed cell and the moving cell displaced by each candidate.
 
     Moving cells outside the volume read zeros (as in the reference implementation). The raw
     SSD (summed over channels) is smoothed twice by a 3x3x3 mean filter (zero padded; axes of
-    one cell are not filtered). On CPU a fused numba kernel computes the same values.
-    ``disp_hw``: half-width in cells, one for every axis or one per axis.
+    one cell are not filtered). On CPU a fused numba kernel computes the same values, into
+    ``reuse`` when given (a cost matrix of the same size no longer needed: no second large
+    allocation). ``disp_hw``: half-width in cells, one for every axis or one per axis.
 
     Returns:
         ``(h * w * d, L)`` cost matrix: one row per cell (C order), one column per candidate
         of :func:`displacement_candidates`.
     """
     if fused_cpu(feat_fix):
-        cost = cpu_kernels.ssd_cost_volume(cpu_kernels.channels_last(feat_fix),
-                                           cpu_kernels.channels_last(feat_mov), half_widths(disp_hw))
+        cost = cpu_kernels.ssd_cost_volume(cpu_kernels.channels_last(feat_fix), cpu_kernels.channels_last(feat_mov),
+                                           half_widths(disp_hw), None if reuse is None else reuse.numpy())
         return torch.from_numpy(cost)
     return _ssd_cost_volume_torch(feat_fix, feat_mov, disp_hw)
 
@@ -181,8 +183,8 @@ def convex_optimise(feat_fix: torch.Tensor, feat_mov: torch.Tensor, config: Conv
     field = coupled_convex(cost, shape, hw, config.coupling)
     if not config.inverse_consistent:
         return field
+    cost_back = ssd_cost_volume(feat_mov, feat_fix, hw, reuse=cost)  # the forward costs are spent
     del cost
-    cost_back = ssd_cost_volume(feat_mov, feat_fix, hw)
     back = coupled_convex(cost_back, shape, hw, config.coupling)
     field, _ = inverse_consistency(field, back, config.ic_iterations)
     return field

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dinoreg.jit import kernel, prange, use_torch_threads
+from dinoreg.jit import helper, kernel, prange, use_torch_threads
 
 
 def _make_ssd_gradient(fixed_channels: int):
@@ -54,12 +54,15 @@ def _make_ssd_gradient(fixed_channels: int):
                         inside_z = np.float32(1.0) if 0 <= z <= d - 1 else np.float32(0.0)
                         x, y, z = min(max(x, 0.0), h - 1.0), min(max(y, 0.0), w - 1.0), min(max(z, 0.0), d - 1.0)
                     x0, y0, z0 = min(int(x), h - 2), min(int(y), w - 2), min(int(z), d - 2)
-                    fx, fy, fz = x - x0, y - y0, z - z0
-                    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+                    # float32 weights and sums (as grid_sample's own backward): the channel loop then
+                    # vectorises twice as wide as in float64 (1.3x faster on MIND's 12 channels)
+                    fx, fy, fz = np.float32(x - x0), np.float32(y - y0), np.float32(z - z0)
+                    one = np.float32(1.0)
+                    gx, gy, gz = one - fx, one - fy, one - fz
                     m00, m01 = mov[x0, y0], mov[x0, y0 + 1]
                     m10, m11 = mov[x0 + 1, y0], mov[x0 + 1, y0 + 1]
                     target = fix[i, j, k]
-                    gi = gj = gk = 0.0
+                    gi = gj = gk = np.float32(0.0)
                     for c in range(channels):
                         a000, a001, a010, a011 = m00[z0, c], m00[z0 + 1, c], m01[z0, c], m01[z0 + 1, c]
                         a100, a101, a110, a111 = m10[z0, c], m10[z0 + 1, c], m11[z0, c], m11[z0 + 1, c]
@@ -72,9 +75,10 @@ def _make_ssd_gradient(fixed_channels: int):
                                    + fx * (gz * (a110 - a100) + fz * (a111 - a101)))
                         gk += r * (gx * (gy * (a001 - a000) + fy * (a011 - a010))
                                    + fx * (gy * (a101 - a100) + fy * (a111 - a110)))
-                    out[0, i, j, k] = 2.0 * gi * inside_x
-                    out[1, i, j, k] = 2.0 * gj * inside_y
-                    out[2, i, j, k] = 2.0 * gk * inside_z
+                    two = np.float32(2.0)
+                    out[0, i, j, k] = two * gi * inside_x
+                    out[1, i, j, k] = two * gj * inside_y
+                    out[2, i, j, k] = two * gk * inside_z
 
     return ssd_gradient_kernel
 
@@ -135,22 +139,37 @@ def _ssd_cost(fix: np.ndarray, mov: np.ndarray, hw_i: int, hw_j: int, hw_k: int,
 
 
 @kernel
-def _box3_axis(src: np.ndarray, di: int, dj: int, dk: int, out: np.ndarray) -> None:
-    """Mean of each cell and its two neighbours along ``(di, dj, dk)`` (zero padded, / 3)."""
-    h, w, d, labels = src.shape
+def _box3_inplace(cost: np.ndarray, shape: tuple[int, int, int], axis: int) -> None:
+    """Mean of each cell and its two neighbours along ``axis`` (0, 1 or 2 of the cell grid
+    ``shape``; zero padded, / 3) of ``cost`` ``(cells, L)``, in place: each line of cells keeps
+    the previous cell's original row, so no second cost volume is needed."""
+    h, w, d = shape
+    labels = cost.shape[1]
+    n = shape[axis]
     third = np.float32(1.0 / 3.0)
-    for i in prange(h):
-        for j in range(w):
-            for k in range(d):
-                lo = 0 <= i - di and 0 <= j - dj and 0 <= k - dk
-                hi = i + di < h and j + dj < w and k + dk < d
-                for label in range(labels):
-                    total = src[i, j, k, label]
-                    if lo:
-                        total += src[i - di, j - dj, k - dk, label]
-                    if hi:
-                        total += src[i + di, j + dj, k + dk, label]
-                    out[i, j, k, label] = total * third
+    for line in prange(h * w * d // n):
+        q = np.int64(line)  # prange may count unsigned: keep index arithmetic in int64
+        if axis == 0:
+            base, stride = q, np.int64(w * d)
+        elif axis == 1:
+            base, stride = (q // d) * w * d + q % d, np.int64(d)
+        else:
+            base, stride = q * d, np.int64(1)
+        previous = np.empty(labels, np.float32)
+        original = np.empty(labels, np.float32)
+        for t in range(n):
+            row = cost[base + t * stride]
+            original[:] = row
+            if t + 1 < n:
+                following = cost[base + (t + 1) * stride]
+            for label in range(labels):
+                total = original[label]
+                if t > 0:
+                    total += previous[label]
+                if t + 1 < n:
+                    total += following[label]
+                row[label] = total * third
+            previous, original = original, previous
 
 
 @kernel
@@ -201,38 +220,55 @@ def _filter_axis(src: np.ndarray, taps: np.ndarray, axis: int, out: np.ndarray) 
                         row[k] += taps[t] * source[k]
 
 
-@kernel
-def _box_axis(src: np.ndarray, radius: int, axis: int, out: np.ndarray) -> None:
-    """Mean over ``2 * radius + 1`` voxels along ``axis`` (1, 2 or 3) of a ``(C, I, J, K)`` array,
-    borders replicated (indices clamped), by running sums (float64): O(1) per voxel."""
-    channels, h, w, d = src.shape
+@helper
+def _box_lines(lines: np.ndarray, radius: int, passes: int, scratch: np.ndarray, total: np.ndarray) -> None:
+    """``passes`` means over ``2 * radius + 1`` entries along the first axis of ``lines``
+    ``(n, d)`` in place (every column at once), ends replicated, by running sums (float64
+    ``total`` ``(d,)``; ``scratch`` ``(n, d)``)."""
+    n, d = lines.shape
     scale = 1.0 / (2 * radius + 1)
-    if axis == 3:
-        for ci in prange(channels * h):
-            c, i = ci // h, ci % h
-            for j in range(w):
-                line = src[c, i, j]
-                total = 0.0
-                for t in range(-radius, radius + 1):
-                    total += line[min(max(t, 0), d - 1)]
-                for k in range(d):
-                    out[c, i, j, k] = total * scale
-                    total += line[min(k + radius + 1, d - 1)] - line[max(k - radius, 0)]
-        return
-    lines, n = (channels * h, w) if axis == 2 else (channels * w, h)
-    for cl in prange(lines):
-        c, other = cl // (lines // channels), cl % (lines // channels)
-        total = np.zeros(d, np.float64)
+    for _ in range(passes):
+        total[:] = 0.0
         for t in range(-radius, radius + 1):
-            p = min(max(t, 0), n - 1)
-            total += src[c, other, p] if axis == 2 else src[c, p, other]
+            entering = lines[min(max(t, 0), n - 1)]
+            for k in range(d):
+                total[k] += entering[k]
         for p in range(n):
-            if axis == 2:
-                out[c, other, p] = total * scale
-                total += src[c, other, min(p + radius + 1, n - 1)] - src[c, other, max(p - radius, 0)]
-            else:
-                out[c, p, other] = total * scale
-                total += src[c, min(p + radius + 1, n - 1), other] - src[c, max(p - radius, 0), other]
+            target, entering, leaving = scratch[p], lines[min(p + radius + 1, n - 1)], lines[max(p - radius, 0)]
+            for k in range(d):
+                target[k] = total[k] * scale
+                total[k] += entering[k] - leaving[k]
+        lines[:] = scratch
+
+
+@kernel
+def _box_planes(src: np.ndarray, radius: int, passes: int, out: np.ndarray) -> None:
+    """All ``passes`` along axis 3, then all along axis 2, of every ``(J, K)`` plane of a
+    ``(C, I, J, K)`` array into ``out``, one plane at a time in a cache-sized buffer."""
+    channels, h, w, d = src.shape
+    for ci in prange(channels * h):
+        c, i = ci // h, ci % h
+        # along axis 3 on the transposed plane: the running sums then advance every row at once
+        across = np.ascontiguousarray(src[c, i].T)
+        _box_lines(across, radius, passes, np.empty((d, w), np.float32), np.empty(w, np.float64))
+        plane = np.ascontiguousarray(across.T)
+        _box_lines(plane, radius, passes, np.empty((w, d), np.float32), np.empty(d, np.float64))
+        out[c, i] = plane
+
+
+@kernel
+def _box_slabs(volume: np.ndarray, radius: int, passes: int) -> None:
+    """All ``passes`` along axis 1 of a ``(C, I, J, K)`` array in place, one ``(I, K)`` slab
+    (fixed ``c, j``) at a time in a cache-sized buffer."""
+    channels, h, w, d = volume.shape
+    for cj in prange(channels * w):
+        c, j = cj // w, cj % w
+        slab = np.empty((h, d), np.float32)
+        for i in range(h):
+            slab[i] = volume[c, i, j]
+        _box_lines(slab, radius, passes, np.empty((h, d), np.float32), np.empty(d, np.float64))
+        for i in range(h):
+            volume[c, i, j] = slab[i]
 
 
 @kernel
@@ -257,6 +293,32 @@ def _add_diffusion_gradient(field: np.ndarray, scales: np.ndarray, out: np.ndarr
                 target[k] += 2.0 * scales[2] * (row[k] - row[k - 1])
             for k in range(d - 1):
                 target[k] += 2.0 * scales[2] * (row[k] - row[k + 1])
+
+
+@kernel
+def _adam_step(params: np.ndarray, first: np.ndarray, second: np.ndarray, grad: np.ndarray, beta1: float,
+               beta2: float, step_size: float, scale: float, eps: float) -> None:
+    """One Adam update of flat float32 arrays in place (see :func:`adam_step`)."""
+    for x in prange(params.shape[0]):
+        g = grad[x]
+        m = first[x] + (1.0 - beta1) * (g - first[x])
+        v = beta2 * second[x] + (1.0 - beta2) * g * g
+        first[x] = m
+        second[x] = v
+        params[x] -= step_size * m / (np.sqrt(v) * scale + eps)
+
+
+def adam_step(params: torch.Tensor, first: torch.Tensor, second: torch.Tensor, grad: torch.Tensor,
+              betas: tuple[float, float], step_size: float, scale: float, eps: float) -> None:
+    """Adam's update in one pass over contiguous float32 CPU tensors of one shape:
+    ``first <- lerp(first, grad, 1 - beta1)``, ``second <- beta2 second + (1 - beta2) grad^2``,
+    ``params -= step_size * first / (sqrt(second) * scale + eps)`` (``step_size = lr / (1 -
+    beta1^t)``, ``scale = 1 / sqrt(1 - beta2^t)``): :class:`dinoreg.optim.instance.Adam`'s
+    arithmetic without its six full-size passes."""
+    use_torch_threads()
+    flat = [t.detach().numpy().reshape(-1) for t in (params, first, second)]
+    _adam_step(*flat, np.ascontiguousarray(grad.detach().numpy(), np.float32).reshape(-1), float(betas[0]),
+               float(betas[1]), float(step_size), float(scale), float(eps))
 
 
 def channels_last(volume: torch.Tensor) -> np.ndarray:
@@ -291,27 +353,29 @@ def ssd_gradient(mov_cl: np.ndarray, fix_cl: np.ndarray, field: torch.Tensor) ->
     return torch.from_numpy(out).unsqueeze(0)
 
 
-def ssd_cost_volume(fix_cl: np.ndarray, mov_cl: np.ndarray, disp_hw: tuple[int, int, int]) -> np.ndarray:
+def ssd_cost_volume(fix_cl: np.ndarray, mov_cl: np.ndarray, disp_hw: tuple[int, int, int],
+                    out: np.ndarray | None = None) -> np.ndarray:
     """Twice 3x3x3-box-filtered SSD cost of every integer displacement, see
     :func:`dinoreg.optim.convex.ssd_cost_volume` (same values, ``(h * w * d, L)``).
 
     ``fix_cl``, ``mov_cl``: channel-last ``(h, w, d, C)`` cell features; the moving one reads
-    zeros outside the grid; ``disp_hw``: search half-width per axis, cells. The box filter is
-    zero padded and divides by 3 per axis; axes of one cell are not filtered.
+    zeros outside the grid; ``disp_hw``: search half-width per axis, cells; ``out``: a float32
+    buffer of the result's size to fill (e.g. the other direction's cost volume, no longer
+    needed), else a new one. The box filter is zero padded, divides by 3 per axis, runs in
+    place, and leaves axes of one cell alone.
     """
     use_torch_threads()
     h, w, d, _ = fix_cl.shape
     hw_i, hw_j, hw_k = (int(x) for x in disp_hw)
     labels = (2 * hw_i + 1) * (2 * hw_j + 1) * (2 * hw_k + 1)
-    cost = np.empty((h, w, d, labels), np.float32)
-    _ssd_cost(fix_cl, mov_cl, hw_i, hw_j, hw_k, cost)
-    scratch = np.empty_like(cost)
-    steps = [s for s, n in zip(((1, 0, 0), (0, 1, 0), (0, 0, 1)), (h, w, d)) if n > 1]
+    if out is None or out.shape != (h * w * d, labels) or out.dtype != np.float32:
+        out = np.empty((h * w * d, labels), np.float32)
+    _ssd_cost(fix_cl, mov_cl, hw_i, hw_j, hw_k, out.reshape(h, w, d, labels))
+    axes = [axis for axis, n in enumerate((h, w, d)) if n > 1]
     for _ in range(2):
-        for step in steps:
-            _box3_axis(cost, *step, scratch)
-            cost, scratch = scratch, cost
-    return cost.reshape(h * w * d, labels)
+        for axis in axes:
+            _box3_inplace(out, (h, w, d), axis)
+    return out
 
 
 def coupled_argmin(cost: np.ndarray, field: np.ndarray, candidates: np.ndarray, penalty: np.ndarray,
@@ -350,15 +414,18 @@ def separable_filter(volume: torch.Tensor, taps: np.ndarray) -> torch.Tensor:
 
 def box_smooth(volume: torch.Tensor, kernel_size: int, passes: int) -> torch.Tensor:
     """``passes`` rounds of an odd ``kernel_size`` mean filter along every axis of ``(1, C, I, J, K)``
-    (float32), borders replicated: :func:`dinoreg.optim.convex_adam.final_smooth`'s arithmetic."""
+    (float32), borders replicated: :func:`dinoreg.optim.convex_adam.final_smooth`'s filter.
+
+    The filter is separable, so all passes along one axis run before the next axis, each on a
+    plane or slab held in cache: two sweeps over the volume instead of ``3 * passes`` (the same
+    filter; float rounding differs from pass-by-pass order by ~1e-7 voxels)."""
     use_torch_threads()
-    first = np.array(volume[0].detach().numpy(), dtype=np.float32, order="C")  # a copy: the passes write into it
-    second = np.empty_like(first)
-    for _ in range(passes):
-        for axis in (1, 2, 3):
-            _box_axis(first, kernel_size // 2, axis, second)
-            first, second = second, first
-    return torch.from_numpy(first).unsqueeze(0)
+    source = np.ascontiguousarray(volume[0].detach().numpy(), dtype=np.float32)
+    out = np.empty_like(source)
+    radius = kernel_size // 2
+    _box_planes(source, radius, passes, out)
+    _box_slabs(out, radius, passes)
+    return torch.from_numpy(out).unsqueeze(0)
 
 
 def add_diffusion_gradient(field: torch.Tensor, weight: float, out: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,11 @@ class Adam:
         """Move ``params`` in place along the Adam direction for ``grad``."""
         beta1, beta2 = self.betas
         self.step_count += 1
+        if fused_cpu(self.params) and self.params.is_contiguous():  # one pass, not six
+            cpu_kernels.adam_step(self.params, self.first, self.second, grad, self.betas,
+                                  self.lr / (1.0 - beta1 ** self.step_count),
+                                  1.0 / math.sqrt(1.0 - beta2 ** self.step_count), self.eps)
+            return
         self.first.lerp_(grad, 1.0 - beta1)
         self.second.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         correction1 = 1.0 - beta1 ** self.step_count
