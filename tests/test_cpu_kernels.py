@@ -181,3 +181,15 @@ def test_box_smooth_matches_the_torch_mean_filter(kernel_size):
     torch.testing.assert_close(fused, reference, atol=2e-6, rtol=0)
     assert torch.equal(field, original)  # the input is left as it was
     torch.testing.assert_close(final_smooth(field, kernel_size), reference, atol=2e-6, rtol=0)
+
+
+@pytest.mark.skipif(not jit.available(), reason="numba missing")
+def test_preload_initialises_numba_once_in_the_background():
+    """``register`` on CPU starts numba's set-up on a thread while it reads the images: one
+    thread per process, and once joined the probe kernel is loaded (numba's CPU target is up)."""
+    jit.preload()
+    started = jit._preloading
+    jit.preload()
+    assert started is not None and jit._preloading is started
+    jit.wait_for_preload()
+    assert not started.is_alive() and jit._probe.signatures

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from dinoreg import jit
 from dinoreg import metrics as l2r_metrics
 from dinoreg.errors import DinoregError
 from dinoreg.io.fields import as_field, field_grid
@@ -89,6 +90,8 @@ def register(fixed: ImageLike, moving: ImageLike, *, preset_name: str = "mind", 
     t0 = time.perf_counter()
     resolved = resolve_spec(preset_name, spec, **overrides)
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        jit.preload()  # numba's set-up overlaps reading and normalising the images
     require_both(fixed_landmarks, moving_landmarks, "landmarks")
     if fixed_labels is not None:  # moving labels alone are fine: they are warped, not scored
         require_both(fixed_labels, moving_labels, "labels")

@@ -9,6 +9,7 @@ use and are cached next to their module (``make setup`` compiles them once).
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 import torch
@@ -69,3 +70,41 @@ def fused_cpu_for(device: torch.device | str, dtype: torch.dtype) -> bool:
 def fused_cpu(tensor: torch.Tensor) -> bool:
     """Whether a fused CPU kernel should handle ``tensor`` (see :func:`fused_cpu_for`)."""
     return fused_cpu_for(tensor.device, tensor.dtype)
+
+
+def _runtime_probe(x: float) -> float:
+    """A trivial function whose (cached) loading initialises numba's CPU target."""
+    return x + 1.0
+
+
+_probe = helper(_runtime_probe)
+_preloading: threading.Thread | None = None
+
+
+def preload() -> None:
+    """Initialise numba's CPU target in a background thread, once per process.
+
+    The first cached kernel a process loads pays for numba's target set-up (0.3-0.5 s of imports,
+    ``scipy.linalg`` among them, for its BLAS check), holding the GIL but little CPU time while a
+    registration starts by reading and normalising images (file decompression and numpy loops that
+    release it). Started then, the set-up overlaps them instead of delaying the first kernel (which
+    waits for it under numba's compiler lock if it comes first). Without numba, nothing happens.
+    """
+    global _preloading
+    if numba is None or _preloading is not None:
+        return
+    _preloading = threading.Thread(target=_load_probe, name="dinoreg-numba-preload", daemon=True)
+    _preloading.start()
+
+
+def _load_probe() -> None:
+    try:
+        _probe(0.0)
+    except Exception:  # pragma: no cover - the first real kernel reports any problem itself
+        pass
+
+
+def wait_for_preload() -> None:
+    """Join the :func:`preload` thread if one was started (``warmup``: its cache is written)."""
+    if _preloading is not None:
+        _preloading.join()
