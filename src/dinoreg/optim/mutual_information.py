@@ -72,6 +72,7 @@ from dinoreg.optim.instance import Adam, ParameterMap, diffusion_gradient
 from dinoreg.pair import RegistrationPair
 from dinoreg.progress import Progress
 from dinoreg.spatial.grid import flat_field
+from dinoreg.spatial.trilinear import axis_cell, lerp3, trilinear_with_gradient, upper
 
 _TINY = 1e-12
 _PERCENTILE_STRIDE = 5  # percentiles of every 5th value: the same to ~1e-3, five times faster
@@ -276,53 +277,6 @@ def _cubic_derivative(t: float) -> float:
     return d if t >= 0.0 else -d
 
 
-@helper
-def _axis(x: float, n: int) -> tuple[int, float, float]:
-    """Lower index, fraction and inside flag (1: not clamped) of coordinate ``x`` on an axis of
-    ``n`` voxels, border-clamped; an axis of one voxel has fraction 0 and flag 0."""
-    if n == 1:
-        return 0, 0.0, 0.0
-    inside = 1.0 if 0.0 <= x <= n - 1.0 else 0.0
-    x = min(max(x, 0.0), n - 1.0)
-    i0 = min(int(x), n - 2)
-    return i0, x - i0, inside
-
-
-@helper
-def _upper(i0: int, n: int) -> int:
-    return i0 + 1 if n > 1 else i0
-
-
-@helper
-def _trilinear(volume: np.ndarray, x: float, y: float, z: float) -> tuple[float, float, float, float]:
-    """Trilinear value of ``volume`` ``(I, J, K)`` at ``(x, y, z)`` voxels (border padding) and its
-    derivatives along the three axes (0 along a clamped axis, as ``grid_sample`` under autograd)."""
-    h, w, d = volume.shape
-    x0, fx, ix = _axis(x, h)
-    y0, fy, iy = _axis(y, w)
-    z0, fz, iz = _axis(z, d)
-    x1, y1, z1 = _upper(x0, h), _upper(y0, w), _upper(z0, d)
-    gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-    a000, a001 = volume[x0, y0, z0], volume[x0, y0, z1]
-    a010, a011 = volume[x0, y1, z0], volume[x0, y1, z1]
-    a100, a101 = volume[x1, y0, z0], volume[x1, y0, z1]
-    a110, a111 = volume[x1, y1, z0], volume[x1, y1, z1]
-    low = gy * (gz * a000 + fz * a001) + fy * (gz * a010 + fz * a011)
-    high = gy * (gz * a100 + fz * a101) + fy * (gz * a110 + fz * a111)
-    dj = gx * (gz * (a010 - a000) + fz * (a011 - a001)) + fx * (gz * (a110 - a100) + fz * (a111 - a101))
-    dk = gx * (gy * (a001 - a000) + fy * (a011 - a010)) + fx * (gy * (a101 - a100) + fy * (a111 - a110))
-    return gx * low + fx * high, (high - low) * ix, dj * iy, dk * iz
-
-
-@helper
-def _lerp3(v: np.ndarray, x0: int, x1: int, y0: int, y1: int, z0: int, z1: int, fx: float, fy: float,
-           fz: float) -> float:
-    """Trilinear blend of the eight corners of one cell of ``v`` ``(h, w, d)``."""
-    low = (1 - fy) * ((1 - fz) * v[x0, y0, z0] + fz * v[x0, y0, z1]) + fy * ((1 - fz) * v[x0, y1, z0] + fz * v[x0, y1, z1])
-    high = (1 - fy) * ((1 - fz) * v[x1, y0, z0] + fz * v[x1, y0, z1]) + fy * ((1 - fz) * v[x1, y1, z0] + fz * v[x1, y1, z1])
-    return (1 - fx) * low + fx * high
-
-
 @kernel
 def _sample_pair(flat: np.ndarray, so_far: np.ndarray, coarse: np.ndarray, cells: np.ndarray,
                  fixed: np.ndarray, moving: np.ndarray, points: np.ndarray, fixed_values: np.ndarray,
@@ -351,15 +305,15 @@ def _sample_pair(flat: np.ndarray, so_far: np.ndarray, coarse: np.ndarray, cells
         fixed_values[s] = fixed_flat[index]
     for s in prange(flat.shape[0]):
         i, j, k = points[s, 0], points[s, 1], points[s, 2]
-        x0, fx, _ = _axis((i + 0.5) / cells[0] - 0.5, h)
-        y0, fy, _ = _axis((j + 0.5) / cells[1] - 0.5, w)
-        z0, fz, _ = _axis((k + 0.5) / cells[2] - 0.5, d)
-        x1, y1, z1 = _upper(x0, h), _upper(y0, w), _upper(z0, d)
-        positions[s, 0] += _lerp3(coarse[0], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[0]
-        positions[s, 1] += _lerp3(coarse[1], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[1]
-        positions[s, 2] += _lerp3(coarse[2], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[2]
+        x0, fx, _ = axis_cell((i + 0.5) / cells[0] - 0.5, h)
+        y0, fy, _ = axis_cell((j + 0.5) / cells[1] - 0.5, w)
+        z0, fz, _ = axis_cell((k + 0.5) / cells[2] - 0.5, d)
+        x1, y1, z1 = upper(x0, h), upper(y0, w), upper(z0, d)
+        positions[s, 0] += lerp3(coarse[0], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[0]
+        positions[s, 1] += lerp3(coarse[1], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[1]
+        positions[s, 2] += lerp3(coarse[2], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[2]
     for s in prange(flat.shape[0]):
-        m, di, dj, dk = _trilinear(moving, positions[s, 0], positions[s, 1], positions[s, 2])
+        m, di, dj, dk = trilinear_with_gradient(moving, positions[s, 0], positions[s, 1], positions[s, 2])
         values[s] = m
         gradients[s, 0], gradients[s, 1], gradients[s, 2] = di, dj, dk
 
@@ -401,9 +355,9 @@ def _increment_gradient(points: np.ndarray, fixed_values: np.ndarray, moving_val
         if first >= last:
             slabs[c, 0], slabs[c, 1] = 0, -1
             continue
-        low, _, _ = _axis((points[first, 0] + 0.5) / cells[0] - 0.5, h)
-        high, _, _ = _axis((points[last - 1, 0] + 0.5) / cells[0] - 0.5, h)
-        high = _upper(high, h)
+        low, _, _ = axis_cell((points[first, 0] + 0.5) / cells[0] - 0.5, h)
+        high, _, _ = axis_cell((points[last - 1, 0] + 0.5) / cells[0] - 0.5, h)
+        high = upper(high, h)
         slabs[c, 0], slabs[c, 1] = low, high
         grad[:, low:high + 1] = 0.0
         for s in range(first, last):
@@ -420,10 +374,10 @@ def _increment_gradient(points: np.ndarray, fixed_values: np.ndarray, moving_val
                     dmi += wa * _cubic_derivative(xm - b) * table[ia, min(max(b, 0), bins - 1)]
             dmi *= -slope  # d(-MI * N)/dm
             i, j, k = points[s, 0], points[s, 1], points[s, 2]
-            x0, fx, _ = _axis((i + 0.5) / cells[0] - 0.5, h)
-            y0, fy, _ = _axis((j + 0.5) / cells[1] - 0.5, w)
-            z0, fz, _ = _axis((k + 0.5) / cells[2] - 0.5, d)
-            x1, y1, z1 = _upper(x0, h), _upper(y0, w), _upper(z0, d)
+            x0, fx, _ = axis_cell((i + 0.5) / cells[0] - 0.5, h)
+            y0, fy, _ = axis_cell((j + 0.5) / cells[1] - 0.5, w)
+            z0, fz, _ = axis_cell((k + 0.5) / cells[2] - 0.5, d)
+            x1, y1, z1 = upper(x0, h), upper(y0, w), upper(z0, d)
             for comp in range(3):
                 g = dmi * gradients[s, comp] * cells[comp]
                 if g == 0.0:
@@ -542,7 +496,7 @@ class IncrementGrid:
         """MI of the samples ``flat`` under ``so_far_field`` (``(3, I*J*K)``) plus ``S(params)``, and
         the gradient of ``-MI`` (+ the regulariser) with respect to ``params``, times N."""
         config = self.config
-        increment = self._increment(params)
+        increment = self.increment(params)
         loss, grad = self.gradient(flat, so_far_field, increment[0].numpy(), self.cells, self.fixed, self.moving,
                                    config.bins)
         grad = torch.from_numpy(grad)[None].contiguous()
@@ -553,11 +507,11 @@ class IncrementGrid:
     def displacement(self, field: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """``field`` ``(1, 3, I, J, K)`` voxels plus the increment ``S(params)`` on the image grid."""
         with torch.no_grad():
-            increment = field_from_cells(self._increment(params), self.shape, self.grid_sp)
+            increment = field_from_cells(self.increment(params), self.shape, self.grid_sp)
             # added into the fresh upsampled increment (the same sum as field + increment, no third field)
             return zero_flat(increment, self.shape).add_(field.cpu())
 
-    def _increment(self, params: torch.Tensor) -> torch.Tensor:
+    def increment(self, params: torch.Tensor) -> torch.Tensor:
         """``S(params)`` ``(1, 3, h, w, d)`` cells, the component along an axis of one voxel zeroed."""
         return zero_flat(self.smoothing.smooth(params), self.shape)
 
@@ -588,6 +542,13 @@ class LevelStart:
         """The field so far plus this start's increment on the image grid, ``(1, 3, I, J, K)`` voxels."""
         return self.grid.displacement(self.field, self.params)
 
+    def edge_score(self, edges: EdgeAlignment) -> float:
+        """``edges``' score of :meth:`displacement`, the increment read at the samples (no
+        full-size field)."""
+        with torch.no_grad():
+            increment = self.grid.increment(self.params)[0].numpy()
+        return edges.score(self.field, increment, self.grid.cells)
+
     def recent_mi(self) -> float:
         """Mean MI over the last :data:`_SELECT_WINDOW` draws."""
         return float(np.mean(self.history[-_SELECT_WINDOW:]))
@@ -605,10 +566,9 @@ def choose_start(starts: list[LevelStart], progress: Progress) -> LevelStart:
 EDGE_CHECK_ITERATIONS = 10  # on different contrasts, the first start's trial: the level stops after it unless the edges improved
 
 
-def _edges_improve(edges: EdgeAlignment, field: torch.Tensor, when: str, progress: Progress) -> bool:
-    """Whether ``field`` aligns the edges better than the field so far (the reference of
-    ``edges``). Logs the scores and the decision."""
-    score = edges.score(field)
+def _edges_improve(edges: EdgeAlignment, score: float, when: str, progress: Progress) -> bool:
+    """Whether a field of edge alignment ``score`` aligns the edges better than the field so far
+    (the reference of ``edges``). Logs the scores and the decision."""
     better = score > edges.reference_score
     progress.log(f"mi: different contrasts: edge alignment (NGF) {edges.reference_score:.4f} before the level, "
                  f"{score:.4f} {when}: {'better' if better else 'not better, the field so far is kept'}")
@@ -662,12 +622,12 @@ class MutualInformationStage:
                 # on different contrasts, the first start alone for a few iterations first: the level
                 # stops here (its other start never built) unless those already align the edges better
                 self._iterate(starts, domain, trial, step, progress)
-                if not _edges_improve(edges, starts[0].displacement(), f"after {trial} iterations", progress):
+                if not _edges_improve(edges, starts[0].edge_score(edges), f"after {trial} iterations", progress):
                     return previous, {"mi_prepare": prep}
             starts += [start_from(*schedule) for schedule in schedules[1:]]
             starts = self._iterate(starts, domain, config.iterations, step, progress)
         disp = starts[0].displacement()
-        if edges is not None and not _edges_improve(edges, disp, "after the level", progress):
+        if edges is not None and not _edges_improve(edges, edges.score(disp), "after the level", progress):
             return previous, {"mi_prepare": prep}
         return disp.to(previous.device), {"mi_prepare": prep}
 
