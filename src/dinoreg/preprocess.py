@@ -22,7 +22,7 @@ def window(array: np.ndarray, level: float, width: float) -> np.ndarray:
     if width <= 0:
         raise DinoregError(f"CT window width must be positive, got {width}")
     low = level - width / 2.0
-    return np.clip((array.astype(np.float32) - low) / float(width), 0.0, 1.0)
+    return np.clip((array.astype(np.float32, order="C") - low) / float(width), 0.0, 1.0)
 
 
 def percentile_scale(array: np.ndarray, upper: float = 99.5, lower: float | None = None) -> np.ndarray:
@@ -38,7 +38,7 @@ def percentile_scale(array: np.ndarray, upper: float = 99.5, lower: float | None
         lo = float(array.min())
     if hi <= lo:
         return np.zeros_like(array, dtype=np.float32)
-    return np.clip((array.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+    return np.clip((array.astype(np.float32, order="C") - lo) / (hi - lo), 0.0, 1.0)
 
 
 @dataclass
@@ -99,7 +99,9 @@ def check_not_constant(array: np.ndarray, name: str) -> None:
 
 
 def normalise(array: np.ndarray, settings: Intensity | None = None, name: str = "<array>") -> np.ndarray:
-    """Scale an image to ``[0, 1]`` float32 as ``settings`` says; reject constant images."""
+    """Scale an image to ``[0, 1]`` float32 as ``settings`` says; reject constant images. The
+    result is C-ordered whatever the input's layout (NIfTI arrays load Fortran-ordered): the
+    stages' kernels read C order, and each would otherwise copy it."""
     s = settings or Intensity()
     check_not_constant(array, name)
     modality = s.modality.lower()
@@ -111,7 +113,7 @@ def normalise(array: np.ndarray, settings: Intensity | None = None, name: str = 
         return percentile_scale(array, s.mr_percentile)
     if modality == "none":
         lo, hi = float(array.min()), float(array.max())
-        return ((array.astype(np.float32) - lo) / (hi - lo)).astype(np.float32)
+        return ((array.astype(np.float32, order="C") - lo) / (hi - lo)).astype(np.float32)
     raise DinoregError(f"unknown modality {s.modality!r}; choose auto, ct, mr or none")
 
 
