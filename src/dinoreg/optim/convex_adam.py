@@ -134,6 +134,8 @@ def field_from_cells(disp: torch.Tensor, image_shape: tuple[int, int, int], cell
     if tuple(disp.shape[2:]) == tuple(padded):
         return disp[:, :, :image_shape[0], :image_shape[1], :image_shape[2]].contiguous()
     full, scale = interpolate_field(disp, padded, align_corners=False)
+    if tuple(padded) == tuple(image_shape):  # nothing to crop: scale the fresh field in place
+        return full.mul_(scale)
     # scaling the cropped view writes the one contiguous result (no scaled copy of the padding)
     return (full[:, :, :image_shape[0], :image_shape[1], :image_shape[2]] * scale).contiguous()
 
