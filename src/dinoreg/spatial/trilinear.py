@@ -69,3 +69,26 @@ def lerp3(v: np.ndarray, x0: int, x1: int, y0: int, y1: int, z0: int, z1: int, f
     low = (1 - fy) * ((1 - fz) * v[x0, y0, z0] + fz * v[x0, y0, z1]) + fy * ((1 - fz) * v[x0, y1, z0] + fz * v[x0, y1, z1])
     high = (1 - fy) * ((1 - fz) * v[x1, y0, z0] + fz * v[x1, y0, z1]) + fy * ((1 - fz) * v[x1, y1, z0] + fz * v[x1, y1, z1])
     return (1 - fx) * low + fx * high
+
+
+@helper
+def cell_corners(i: int, j: int, k: int, cells: np.ndarray, h: int, w: int, d: int
+                 ) -> tuple[int, int, int, int, int, int, float, float, float]:
+    """Where voxel ``(i, j, k)`` falls on a grid of ``(h, w, d)`` cells of ``cells`` voxels
+    (cell-centred, border-clamped): the lower and upper corner indices ``x0, x1, y0, y1, z0, z1``
+    and the fractions ``fx, fy, fz`` (the weights :func:`lerp3` takes)."""
+    x0, fx, _ = axis_cell((i + 0.5) / cells[0] - 0.5, h)
+    y0, fy, _ = axis_cell((j + 0.5) / cells[1] - 0.5, w)
+    z0, fz, _ = axis_cell((k + 0.5) / cells[2] - 0.5, d)
+    return x0, upper(x0, h), y0, upper(y0, w), z0, upper(z0, d), fx, fy, fz
+
+
+@helper
+def cell_field_at(coarse: np.ndarray, cells: np.ndarray, i: int, j: int, k: int) -> tuple[float, float, float]:
+    """A field ``coarse`` ``(3, h, w, d)`` in cells of ``cells`` voxels at voxel ``(i, j, k)``, in
+    voxels (trilinear, cell-centred, border-clamped: what ``field_from_cells`` upsamples to)."""
+    x0, x1, y0, y1, z0, z1, fx, fy, fz = cell_corners(i, j, k, cells, coarse.shape[1], coarse.shape[2],
+                                                      coarse.shape[3])
+    return (lerp3(coarse[0], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[0],
+            lerp3(coarse[1], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[1],
+            lerp3(coarse[2], x0, x1, y0, y1, z0, z1, fx, fy, fz) * cells[2])
